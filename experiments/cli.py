@@ -1,0 +1,51 @@
+"""The `waitlens` command line. Each subcommand lives in its own module, which exposes
+`register(subparsers)`; heavy imports (torch, transformers) happen inside the handlers so
+`waitlens --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path -> registers one or more subcommands
+COMMAND_MODULES = [
+    "experiments.commands.capture",
+    "experiments.organism.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="waitlens",
+        description="Probe what discourse tokens ('wait', 'so', ...) do inside reasoning models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # a subcommand not written yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"waitlens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
