@@ -3,7 +3,15 @@
 No forward passes and no model weights here; tokenizers only.
 """
 
-from traces.formats import PRESETS, PromptFormat, Rendered, get_format, infer_format, load_format, render
+from traces.formats import (
+    PRESETS,
+    PromptFormat,
+    Rendered,
+    get_format,
+    infer_format,
+    load_format,
+    render,
+)
 from traces.grading import grade, normalize_answer
 from traces.lexicon import DEFAULT_WORDS, Lexicon
 from traces.positions import Positions, control_positions, find_positions
