@@ -10,8 +10,12 @@ import sys
 
 # module path -> registers one or more subcommands
 COMMAND_MODULES = [
-    "experiments.commands.capture",
-    "experiments.organism.cli",
+    "experiments.commands.capture",  # waitlens capture
+    "experiments.commands.tokens",  # waitlens tokens, waitlens answers
+    "experiments.commands.probe",  # waitlens probe
+    "experiments.commands.patch",  # waitlens patch, waitlens ablate
+    "experiments.commands.run",  # waitlens run
+    "experiments.organism.cli",  # waitlens organism train|sample|eval
 ]
 
 

