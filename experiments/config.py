@@ -1,0 +1,247 @@
+"""Study configs: a TOML file, checked in full before any model work.
+
+Every key is known: a typo'd key fails with the closest valid name. Model specs are resolved
+(local paths exist, named families are installed) and stage requirements are checked (e.g.
+cross-model patching needs equal layer counts and widths) before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+STAGES = ("trajectories", "positions", "capture", "tokens", "answers", "probes", "patching", "ablations", "report")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, the key and the problem."""
+
+
+@dataclass
+class ModelSpec:
+    spec: str
+    format: str | dict | None = None  # prompt-format preset name or fields; None: the model's own
+    dtype: str = "auto"
+    revision: str | None = None
+
+
+@dataclass
+class TrajectoryConfig:
+    source: str = "sample"  # sample | jsonl | hf
+    path: str | None = None  # jsonl
+    dataset: str | None = None  # hf: dataset name
+    split: str = "test"
+    fields: dict = field(default_factory=lambda: {"prompt": "problem", "gold": "answer"})
+    problems: str = "organism"  # sample: where problems come from (organism | jsonl | hf)
+    n_problems: int = 100
+    n_per_problem: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    from_models: list[str] = field(default_factory=list)  # which models generate (default: all)
+
+
+@dataclass
+class CaptureConfig:
+    layers: str | list[int] = "all"
+    hook: str = "resid_post"
+    controls: bool = True
+    anchor: str = "first"
+    storage_dtype: str = "float32"
+    batch_size: int = 8
+
+
+@dataclass
+class TokensConfig:
+    min_count: int = 5
+    n_boot: int = 500
+
+
+@dataclass
+class AnswersConfig:
+    every: int = 8
+    around: int = 2
+    window: int = 8
+    jump: float = 0.3
+    confidence: float = 0.5
+    max_trajectories: int = 200
+
+
+@dataclass
+class ProbesConfig:
+    words: list[str] = field(default_factory=lambda: ["wait", "all"])
+    folds: int = 5
+    n_boot: int = 500
+    transfer: bool = True
+
+
+@dataclass
+class PatchingConfig:
+    source: str = "post"
+    target: str = "sft"
+    both_directions: bool = True
+    layers: str | list[int] = "all"
+    window: list[int] = field(default_factory=lambda: [-2, 4])
+    metrics: list[str] = field(default_factory=lambda: ["kl", "gold_prob", "correction"])
+    max_trajectories: int = 60
+    attribution: bool = True
+    controls: bool = True
+
+
+@dataclass
+class AblationsConfig:
+    model: str = "post"
+    kinds: list[str] = field(default_factory=lambda: ["replace-wait", "remove-wait", "shuffle-steps", "delete-steps"])
+    max_trajectories: int = 100
+
+
+@dataclass
+class StudyConfig:
+    name: str = "organism"
+    seed: int = 0
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    lexicon: list[str] = field(default_factory=lambda: ["wait", "so", "therefore", "alternatively", "hmm", "but", "check", "verify"])
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    device: str | None = None
+    trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    answers: AnswersConfig = field(default_factory=AnswersConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
+    source: str = ""  # the file it was read from
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+def _to_plain(obj):
+    if is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+_SECTIONS = {
+    "trajectories": TrajectoryConfig, "capture": CaptureConfig, "tokens": TokensConfig,
+    "answers": AnswersConfig, "probes": ProbesConfig, "patching": PatchingConfig,
+    "ablations": AblationsConfig,
+}
+
+
+def default_config_path() -> Path:
+    return CONFIG_DIR / "organism.toml"
+
+
+def load_config(path: str | Path | None = None) -> StudyConfig:
+    """Read and check a study config (default: the organism study shipped with waitlens)."""
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        shipped = CONFIG_DIR / Path(path).name
+        if shipped.is_file():
+            path = shipped
+        else:
+            raise ConfigError(f"config not found: {path} (shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.toml'))})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> StudyConfig:
+    top_known = {f.name for f in fields(StudyConfig)} - {"source"}
+    _check_keys(raw, top_known, source, "")
+    kwargs: dict[str, Any] = {"source": source}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{key}] must be a table")
+            _check_keys(value, {f.name for f in fields(_SECTIONS[key])}, source, key + ".")
+            kwargs[key] = _SECTIONS[key](**value)
+        elif key == "models":
+            kwargs[key] = _parse_models(value, source)
+        else:
+            kwargs[key] = value
+    cfg = StudyConfig(**kwargs)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _parse_models(value, source) -> dict[str, ModelSpec]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{source}: [models] must map short names to specs, e.g. sft = \"organism:sft-1k\"")
+    out = {}
+    for name, v in value.items():
+        if isinstance(v, str):
+            out[name] = ModelSpec(spec=v)
+        elif isinstance(v, dict):
+            _check_keys(v, {f.name for f in fields(ModelSpec)}, source, f"models.{name}.")
+            if "spec" not in v:
+                raise ConfigError(f"{source}: models.{name} needs a 'spec' (hub id, path, or family:variant)")
+            out[name] = ModelSpec(**v)
+        else:
+            raise ConfigError(f"{source}: models.{name} must be a spec string or a table")
+    return out
+
+
+def _check_keys(table: dict, known: set[str], source: str, prefix: str) -> None:
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+
+
+def _check_values(cfg: StudyConfig, source: str) -> None:
+    if not cfg.models:
+        raise ConfigError(f"{source}: no [models] given")
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"{source}: unknown stage(s) {bad}; stages are {list(STAGES)}")
+    if cfg.trajectories.source not in ("sample", "jsonl", "hf"):
+        raise ConfigError(f"{source}: trajectories.source must be 'sample', 'jsonl' or 'hf'")
+    if cfg.trajectories.source == "jsonl" and not cfg.trajectories.path:
+        raise ConfigError(f"{source}: trajectories.source = 'jsonl' needs trajectories.path")
+    if cfg.trajectories.source == "hf" and not cfg.trajectories.dataset:
+        raise ConfigError(f"{source}: trajectories.source = 'hf' needs trajectories.dataset")
+    for role in (cfg.patching.source, cfg.patching.target, cfg.ablations.model, *cfg.trajectories.from_models):
+        if role not in cfg.models:
+            raise ConfigError(f"{source}: model {role!r} is used but not defined in [models] ({sorted(cfg.models)})")
+    if len(cfg.patching.window) != 2 or cfg.patching.window[0] > cfg.patching.window[1]:
+        raise ConfigError(f"{source}: patching.window must be [lo, hi] with lo <= hi, got {cfg.patching.window}")
+
+
+def check_models(cfg: StudyConfig) -> dict[str, dict]:
+    """Resolve every model spec and read its shape without loading weights.
+
+    Returns {name: {"spec", "path", "n_layers", "d_model", "model_type"}}; raises ConfigError
+    for an unknown family or path, and for a patching pair of different shapes.
+    """
+    from hooks.models import ModelLoadError, describe_spec
+
+    facts = {}
+    for name, m in cfg.models.items():
+        try:
+            facts[name] = describe_spec(m.spec, revision=m.revision)
+        except ModelLoadError as e:
+            raise ConfigError(f"{cfg.source}: models.{name}: {e}") from None
+    if "patching" in cfg.stages:
+        a, b = facts[cfg.patching.source], facts[cfg.patching.target]
+        for key in ("n_layers", "d_model"):
+            if a.get(key) and b.get(key) and a[key] != b[key]:
+                raise ConfigError(
+                    f"{cfg.source}: cross-model patching needs models of the same shape, but "
+                    f"{cfg.patching.source} ({a['spec']}) has {key}={a[key]} and {cfg.patching.target} "
+                    f"({b['spec']}) has {key}={b[key]}; remove 'patching' from stages or pick another pair"
+                )
+    return facts
