@@ -15,6 +15,7 @@ from typing import Any
 import tomllib
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+PROBLEM_SOURCES = ("organism", "arithmetic", "jsonl", "hf")
 STAGES = ("trajectories", "positions", "capture", "tokens", "answers", "probes", "patching", "ablations", "report")
 
 
@@ -37,7 +38,7 @@ class TrajectoryConfig:
     dataset: str | None = None  # hf: dataset name
     split: str = "test"
     fields: dict = field(default_factory=lambda: {"prompt": "problem", "gold": "answer"})
-    problems: str = "organism"  # sample: where problems come from (organism | jsonl | hf)
+    problems: str = "organism"  # sample: where problems come from (PROBLEM_SOURCES)
     n_problems: int = 100
     n_per_problem: int = 2
     temperature: float = 1.0
@@ -118,7 +119,10 @@ class StudyConfig:
     source: str = ""  # the file it was read from
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        """Everything that defines the study (not where the file was read from)."""
+        out = _to_plain(self)
+        out.pop("source")
+        return out
 
 
 def _to_plain(obj):
@@ -210,10 +214,15 @@ def _check_values(cfg: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: unknown stage(s) {bad}; stages are {list(STAGES)}")
     if cfg.trajectories.source not in ("sample", "jsonl", "hf"):
         raise ConfigError(f"{source}: trajectories.source must be 'sample', 'jsonl' or 'hf'")
-    if cfg.trajectories.source == "jsonl" and not cfg.trajectories.path:
-        raise ConfigError(f"{source}: trajectories.source = 'jsonl' needs trajectories.path")
-    if cfg.trajectories.source == "hf" and not cfg.trajectories.dataset:
-        raise ConfigError(f"{source}: trajectories.source = 'hf' needs trajectories.dataset")
+    t = cfg.trajectories
+    if t.problems not in PROBLEM_SOURCES:
+        raise ConfigError(f"{source}: trajectories.problems must be one of {PROBLEM_SOURCES}, got {t.problems!r}")
+    uses_jsonl = t.source == "jsonl" or (t.source == "sample" and t.problems == "jsonl")
+    uses_hf = t.source == "hf" or (t.source == "sample" and t.problems == "hf")
+    if uses_jsonl and not t.path:
+        raise ConfigError(f"{source}: reading trajectories or problems from JSONL needs trajectories.path")
+    if uses_hf and not t.dataset:
+        raise ConfigError(f"{source}: reading from a Hugging Face dataset needs trajectories.dataset")
     for role in (cfg.patching.source, cfg.patching.target, cfg.ablations.model, *cfg.trajectories.from_models):
         if role not in cfg.models:
             raise ConfigError(f"{source}: model {role!r} is used but not defined in [models] ({sorted(cfg.models)})")
