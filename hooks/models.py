@@ -138,9 +138,7 @@ class LoadedModel:
 
         if self.source_dir is None:
             raise ModelLoadError(f"{self.spec}: the bridge needs the model saved as a local directory")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.source_dir)  # saved-and-reloaded: see DESIGN
+        tokenizer = load_tokenizer(self.source_dir)  # saved-and-reloaded: see DESIGN
         hf_copy = copy.deepcopy(self.hf)
         try:
             return TransformerBridge.boot_transformers(
@@ -247,7 +245,7 @@ def _resolve_spec(spec: str) -> Path | None:
 
 
 def _load_dir(path: Path, torch_dtype: torch.dtype, spec: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not path.is_dir():
         raise ModelLoadError(f"{spec}: {path} is neither a directory nor a .gguf file")
@@ -260,8 +258,27 @@ def _load_dir(path: Path, torch_dtype: torch.dtype, spec: str):
         if "sdpa" not in str(e).lower():
             raise ModelLoadError(f"{spec}: cannot load {config.model_type!r} as a causal LM ({e})") from None
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    tok = AutoTokenizer.from_pretrained(path)
-    return hf, tok
+    return hf, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a local directory.
+
+    A generic fast tokenizer (saved as ``TokenizersBackend``/``PreTrainedTokenizerFast``, e.g.
+    the organism's word-level one) is loaded from its tokenizer.json as is: AutoTokenizer would
+    instead rebuild the model type's own tokenizer (a Qwen2 BPE for ``model_type: qwen2``) from
+    the vocabulary, silently dropping every multi-letter word.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    cfg_file = path / "tokenizer_config.json"
+    declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _load_hub(name: str, torch_dtype: torch.dtype, revision: str | None):
