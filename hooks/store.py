@@ -1,0 +1,354 @@
+"""The activation store: residual-stream states at chosen token positions, on disk.
+
+A store is a directory::
+
+    manifest.json              what was captured: model, revision, hook, layers, d_model,
+                               storage dtype, lexicon, prompt format, shards, versions, and
+                               `complete` (true only once every shard is written)
+    shard-00000.safetensors    tensor `states` [n, n_layers, d_model] (storage dtype)
+    shard-00000.csv            the n positions of that shard (one row each)
+    ...
+    metadata.csv               all positions, merged at the end: the `traces.Positions`
+                               columns + `model`, `shard`, `row` (row = global row index)
+
+Every file is written under a temporary name and renamed into place; within a shard the csv
+goes first and the safetensors last, so a shard exists exactly when its safetensors does.
+A store whose manifest says `complete: false` (an interrupted capture) is refused by the
+reader with a message saying to rerun the capture, which then resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT = "waitlens-activations/1"
+MANIFEST = "manifest.json"
+METADATA = "metadata.csv"
+TENSOR = "states"
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The columns every store's metadata has (the issue's contract with the probes).
+REQUIRED_COLUMNS = ("trajectory_id", "problem_id", "word", "token_index", "rel_index", "frac", "correct")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_STR_COLUMNS = ("trajectory_id", "problem_id", "word", "surface", "anchor", "model")
+
+
+class StoreError(ValueError):
+    """A directory that is not a readable activation store; the message says what to do."""
+
+
+class IncompleteStoreError(StoreError):
+    """A store whose capture was interrupted (manifest `complete: false`)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def storage_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in STORAGE_DTYPES.values():
+            raise ValueError(f"storage dtype {name} not supported; use one of {sorted(STORAGE_DTYPES)}")
+        return name
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"unknown storage dtype {name!r}; use one of {sorted(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in STORAGE_DTYPES.items()}[dtype]
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "transformer-lens", "safetensors", "waitlens"):
+        try:
+            out[pkg.replace("-", "_")] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg.replace("-", "_")] = None
+    return out
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# -- atomic writes ----------------------------------------------------------------------------
+def _atomic(path: Path, write) -> None:
+    """Call `write(tmp_path)`, fsync, and rename onto `path` (no partial file is ever visible)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_csv(path: Path, table: pd.DataFrame) -> None:
+    _atomic(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def write_shard(
+    out_dir: Path,
+    index: int,
+    states: Float[Tensor, "n layer d_model"],
+    metadata: pd.DataFrame,
+    fingerprint: str = "",
+) -> dict[str, Any]:
+    """Write one shard (csv first, safetensors last: the commit point); returns its manifest entry."""
+    name = shard_name(index)
+    write_csv(out_dir / f"{name}.csv", metadata)
+    tensors = {TENSOR: states.contiguous()}
+    _atomic(out_dir / f"{name}.safetensors",
+            lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": fingerprint, "format": FORMAT}))
+    return {"file": f"{name}.safetensors", "n": int(states.shape[0]), "fingerprint": fingerprint}
+
+
+def shard_fingerprint(path: Path) -> str | None:
+    """The fingerprint a finished shard file was written with (None if unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint")
+    except Exception:  # a truncated or foreign file: treat as not done
+        return None
+
+
+def merge_metadata(out_dir: Path, shards: Sequence[dict]) -> pd.DataFrame:
+    parts = [read_metadata(out_dir / s["file"].replace(".safetensors", ".csv")) for s in shards]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def read_metadata(path: Path) -> pd.DataFrame:
+    """A metadata csv with its column types restored (ids stay strings, `correct` stays bool)."""
+    head = pd.read_csv(path, nrows=0).columns
+    table = pd.read_csv(path, dtype={c: str for c in _STR_COLUMNS if c in head}, keep_default_na=False,
+                        na_values={c: [""] for c in head if c not in _STR_COLUMNS})
+    if "correct" in table:
+        table["correct"] = _bool_column(table["correct"])
+    return table
+
+
+def _bool_column(col: pd.Series) -> pd.Series:
+    if col.dtype == bool:
+        return col
+    mapped = col.map(lambda v: {"True": True, "False": False, True: True, False: False}.get(v, pd.NA))
+    return mapped.astype(bool) if not mapped.isna().any() else mapped.astype("boolean")
+
+
+# -- reading ----------------------------------------------------------------------------------
+class ActivationStore:
+    """A finished activation store on disk; states are read lazily, only the shards needed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            what = "does not exist" if not self.path.exists() else "has no manifest.json"
+            raise StoreError(f"{self.path} is not an activation store ({what}); create one with `waitlens capture`")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{mpath}: unreadable manifest ({e})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise StoreError(f"{mpath}: unknown store format {self.manifest.get('format')!r}; expected {FORMAT!r}")
+        if not self.manifest.get("complete"):
+            done = sum((self.path / s["file"]).is_file() for s in self.manifest.get("shards", []))
+            raise IncompleteStoreError(
+                f"{self.path}: the capture was interrupted ({done} of {len(self.manifest.get('shards', []))} "
+                "shards written); rerun the same capture command with this --out to resume it"
+            )
+        self._dtype = storage_dtype(self.manifest["dtype"])
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def hook(self) -> str:
+        return self.manifest["hook"]
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def hook_names(self) -> list[str]:
+        return [f"blocks.{layer}.hook_{self.hook}" for layer in self.layers]
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_positions"])
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, model={self.model!r}, hook={self.hook!r}, "
+                f"n_positions={len(self)}, layers={self.layers})")
+
+    @cached_property
+    def metadata(self) -> pd.DataFrame:
+        """One row per position: Positions columns + `model`, `shard`, `row`."""
+        table = read_metadata(self.path / METADATA)
+        if len(table) != len(self):
+            raise StoreError(f"{self.path}: metadata.csv has {len(table)} rows, manifest says {len(self)}")
+        return table
+
+    # -- states --------------------------------------------------------------------------------
+    def _layer_index(self, layers) -> list[int]:
+        if layers is None:
+            return list(range(len(self.layers)))
+        if isinstance(layers, int):
+            layers = [layers]
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        missing = [x for x in layers if int(x) not in where]
+        if missing:
+            raise ValueError(f"layer(s) {missing} not in this store; it holds layers {self.layers}")
+        return [where[int(x)] for x in layers]
+
+    def states(
+        self, layers: Sequence[int] | int | None = None, rows: Sequence[int] | np.ndarray | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Float[Tensor, "n layer d_model"]:
+        """States for `rows` (global row indices, default all) at `layers` (layer numbers,
+        default all stored), as `dtype`. Only the shards holding those rows are read."""
+        li = self._layer_index(layers)
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range: the store has {len(self)} rows")
+        out = torch.empty((rows.size, len(li), self.d_model), dtype=dtype)
+        if rows.size == 0:
+            return out
+        starts = np.cumsum([0] + [s["n"] for s in self.manifest["shards"]])
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        lidx = torch.tensor(li)
+        for k in np.unique(shard_of):
+            pick = np.flatnonzero(shard_of == k)
+            local = rows[pick] - starts[k]
+            lo, hi = int(local.min()), int(local.max()) + 1
+            with safe_open(str(self.path / self.manifest["shards"][k]["file"]), framework="pt") as f:
+                block = f.get_slice(TENSOR)[lo:hi]
+            sel = block[torch.from_numpy(local - lo)].index_select(1, lidx)
+            out[torch.from_numpy(pick)] = sel.to(dtype)
+        return out
+
+    def select(
+        self, words: Sequence[str] | str | None = None, layers: Sequence[int] | int | None = None,
+        model: str | None = None, correct: bool | None = None, dtype: torch.dtype = torch.float32,
+    ) -> tuple[Float[Tensor, "n layer d_model"], pd.DataFrame]:
+        """(states, metadata) for the positions matching every given filter.
+
+        words: lexicon words (``"<control>"`` for control positions); layers: layer numbers;
+        model: the model spec (a store holds one model: a different one is an error);
+        correct: only positions of correct (True) or incorrect (False) trajectories.
+        The metadata's index runs 0..n-1 in step with the states; `row` keeps the global row.
+        """
+        meta = self.metadata
+        keep = np.ones(len(meta), dtype=bool)
+        if model is not None and model != self.model:
+            raise ValueError(f"{self.path} holds model {self.model!r}, not {model!r}")
+        if words is not None:
+            words = [words] if isinstance(words, str) else list(words)
+            known = set(self.manifest.get("lexicon", [])) | set(meta["word"])
+            unknown = [w for w in words if w.lower() not in known]
+            if unknown:
+                raise ValueError(f"word(s) {unknown} not in this store; it holds {sorted(known)}")
+            keep &= meta["word"].isin([w.lower() for w in words]).to_numpy()
+        if correct is not None:
+            keep &= (meta["correct"] == bool(correct)).fillna(False).to_numpy(dtype=bool)
+        rows = np.flatnonzero(keep)
+        return self.states(layers, rows, dtype), meta.iloc[rows].reset_index(drop=True)
+
+
+def open_store(path: str | os.PathLike) -> tuple[Float[Tensor, "n layer d_model"], pd.DataFrame]:
+    """(states [n_positions, n_layers, d_model] float32, metadata) of a finished store."""
+    store = ActivationStore(path)
+    return store.states(), store.metadata
+
+
+# -- writing a whole store at once ------------------------------------------------------------
+def write_store(
+    out_dir: str | os.PathLike,
+    states: Float[Tensor, "n layer d_model"],
+    metadata: pd.DataFrame,
+    manifest_extra: dict[str, Any] | None = None,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> ActivationStore:
+    """Write in-memory states + metadata as a one-shard store (atomically: the directory
+    appears complete or not at all). For synthetic stores and results computed in memory.
+
+    `metadata` needs the columns in `REQUIRED_COLUMNS`; `manifest_extra` sets/overrides
+    manifest keys (``model``, ``layers``, ``hook``, ``lexicon``, ...).
+    """
+    out = Path(out_dir)
+    if states.ndim != 3:
+        raise ValueError(f"states must be [n_positions, n_layers, d_model], got shape {tuple(states.shape)}")
+    if len(metadata) != states.shape[0]:
+        raise ValueError(f"metadata has {len(metadata)} rows but states has {states.shape[0]}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
+    if missing:
+        raise ValueError(f"metadata lacks column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
+    extra = dict(manifest_extra or {})
+    n, n_layers, d = states.shape
+    model = extra.get("model") or (str(metadata["model"].iloc[0]) if "model" in metadata and n else "unknown")
+    manifest = {
+        "format": FORMAT, "model": model, "revision": None, "hook": "resid_post",
+        "layers": list(range(n_layers)), "d_model": int(d), "dtype": dtype, "lexicon": [],
+        "prompt_format": None, "n_positions": int(n), "shards": [], "complete": True,
+        "versions": versions(), "created": now(),
+    }
+    manifest.update(extra)
+    manifest.update({"model": model, "n_positions": int(n), "d_model": int(d), "complete": True})
+    if len(manifest["layers"]) != n_layers:
+        raise ValueError(f"manifest layers {manifest['layers']} do not match the {n_layers} layers of states")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or use another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        meta = metadata.reset_index(drop=True).copy()
+        meta["model"] = model
+        meta["shard"] = 0
+        meta["row"] = np.arange(n, dtype=np.int64)
+        entry = write_shard(tmp, 0, states.detach().to("cpu", storage_dtype(dtype)), meta)
+        manifest["shards"] = [entry]
+        write_csv(tmp / METADATA, meta)
+        write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ActivationStore(out)
