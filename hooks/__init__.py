@@ -3,6 +3,11 @@
 Locations inside a model are TransformerLens hook names (`blocks.{l}.hook_resid_post`).
 """
 
+from hooks.capture import capture_residuals, residuals_at
 from hooks.models import ContextLengthError, LoadedModel, ModelLoadError, load_model
+from hooks.store import ActivationStore, IncompleteStoreError, StoreError, open_store, write_store
 
-__all__ = ["ContextLengthError", "LoadedModel", "ModelLoadError", "load_model"]
+__all__ = [
+    "ActivationStore", "ContextLengthError", "IncompleteStoreError", "LoadedModel", "ModelLoadError",
+    "StoreError", "capture_residuals", "load_model", "open_store", "residuals_at", "write_store",
+]
