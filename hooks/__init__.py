@@ -5,6 +5,7 @@ Locations inside a model are TransformerLens hook names (`blocks.{l}.hook_resid_
 
 from hooks.capture import capture_residuals, residuals_at
 from hooks.models import ContextLengthError, LoadedModel, ModelLoadError, load_model
+from hooks.patching import PatchResult, attribute, patch  # noqa: F401
 from hooks.store import ActivationStore, IncompleteStoreError, StoreError, open_store, write_store
 
 __all__ = [

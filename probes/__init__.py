@@ -1,1 +1,3 @@
 """probes: learning and statistics on what hooks/ produced — no forward passes here."""
+
+from probes.patching import summarize_ablations, summarize_patches, wait_vs_random  # noqa: F401

@@ -1,0 +1,184 @@
+"""Within-model ablations: does the discourse word matter (content), or the steps around it
+(structure)?
+
+Each ablation edits the trajectory's reasoning *text*, then the model reads the edited and
+the original trajectory (answer = the gold answer), and we compare:
+
+- ``replace-wait``: one "wait" replaced by a neutral word (default: the first of "then",
+  "and", ";" that the tokenizer knows; for the organism ";", its plain step separator).
+- ``remove-wait``: that "wait" deleted.
+- ``shuffle-steps``: the reasoning steps put in a random order (separators stay in place).
+- ``delete-steps``: one random step (not the last) deleted with the separator after it.
+
+The edited wait is the first wait that follows a slip when the trajectory has ground truth
+(``extra["truth"]``), else the first wait. A *step* is the text between separators: for the
+organism (format name ``organism``) the words ``;``, ``so``, ``therefore``; otherwise
+sentences and lines (split after ``.``/``!``/``?`` + space, or at newlines).
+
+Metrics (same names as patching): ``gold_prob`` (forced gold answer after the reasoning);
+``kl``: mean next-token KL(original ‖ ablated) over the first `kl_positions` tokens of the
+common suffix the two token sequences share after the edit (aligned by offset from the
+end); ``correction``: the `hooks.patching` correction read-out of the edited wait, when it
+lies in that common suffix (NaN otherwise, e.g. after a shuffle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hooks.patching import _gold_version, correction_reads
+from traces.lexicon import Lexicon
+from traces.trajectory import Trajectory
+
+KINDS = ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps")
+ORGANISM_SEPARATORS = (";", "so", "therefore")
+COLUMNS = ["trajectory_id", "problem_id", "kind", "metric", "clean", "ablated", "effect"]
+
+
+def neutral_word(tokenizer, candidates: Sequence[str] = ("then", "and", ";")) -> str:
+    """The first candidate the tokenizer encodes without an unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for w in candidates:
+        ids = tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+        if ids and (unk is None or unk not in ids):
+            return w
+    raise ValueError(f"none of {list(candidates)} is in the tokenizer's vocabulary; pass neutral=")
+
+
+def _target_wait(traj: Trajectory, word: str):
+    matches = list(Lexicon([word]).finditer(traj.reasoning))
+    if not matches:
+        return None
+    truth = traj.extra.get("truth") if isinstance(traj.extra, dict) else None
+    if isinstance(truth, dict):
+        after = {w["word"] for w in truth.get("waits", []) if w.get("after_slip")}
+        for m in matches:
+            if len(traj.reasoning[:m.start].split()) in after:
+                return m
+    return matches[0]
+
+
+def split_steps(reasoning: str, separators: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(steps, separators between them); `separators` None = sentences/lines."""
+    if separators:
+        alt = "|".join(re.escape(s) for s in separators)
+        parts = re.split(rf"(?:^|\s)({alt})(?=\s|$)", reasoning)
+        steps, seps = [p.strip() for p in parts[0::2]], parts[1::2]
+    else:
+        parts = re.split(r"((?<=[.!?])[ \t]+|\n+)", reasoning)
+        steps, seps = parts[0::2], parts[1::2]
+    return steps, seps
+
+
+def join_steps(steps: list[str], seps: list[str], separators) -> str:
+    out = steps[0]
+    for s, st in zip(seps, steps[1:], strict=False):
+        out += (f" {s} " if separators else s) + st
+    return out
+
+
+def ablate_text(traj: Trajectory, kind: str, *, word: str = "wait", neutral: str = ";",
+                separators: Sequence[str] | None = ORGANISM_SEPARATORS, seed: int = 0) -> tuple[str, int | None] | None:
+    """(edited reasoning, char index of the edited wait in the original or None), or None
+    when the ablation does not apply (no wait; fewer than two steps)."""
+    r = traj.reasoning
+    if kind in ("replace-wait", "remove-wait"):
+        m = _target_wait(traj, word)
+        if m is None:
+            return None
+        if kind == "replace-wait":
+            return r[:m.start] + neutral + r[m.end:], m.start
+        end = m.end + (1 if r[m.end:m.end + 1] == " " else 0)
+        return r[:m.start] + r[end:], m.start
+    if kind not in ("shuffle-steps", "delete-steps"):
+        raise ValueError(f"unknown ablation {kind!r}; use one of {KINDS}")
+    steps, seps = split_steps(r, separators)
+    if len(steps) < 2:
+        return None
+    rng = np.random.default_rng([seed, len(r), sum(map(ord, traj.id))])
+    if kind == "shuffle-steps":
+        order = rng.permutation(len(steps))
+        if (order == np.arange(len(steps))).all():
+            order = np.roll(order, 1)
+        new = [steps[i] for i in order]
+        return join_steps(new, seps, separators), None
+    k = int(rng.integers(0, len(steps) - 1))
+    steps2 = steps[:k] + steps[k + 1:]
+    seps2 = seps[:k] + seps[k + 1:]
+    return join_steps(steps2, seps2, separators), None
+
+
+@torch.inference_mode()
+def _logprobs(model, ids: list[int]) -> torch.Tensor:
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    return torch.log_softmax(model.hf(input_ids=x, use_cache=False).logits[0].float(), -1)
+
+
+def _gold(lp, ids, span) -> float:
+    return float(sum(lp[i - 1, ids[i]] for i in range(*span)).exp()) if span[1] > span[0] else float("nan")
+
+
+def ablate(model, trajectories: Sequence[Trajectory], kind: str, *, word: str = "wait", neutral: str | None = None,
+           separators: Sequence[str] | None | str = "auto", kl_positions: int = 8, seed: int = 0,
+           progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Run one ablation over trajectories: rows `COLUMNS` (one per trajectory and metric)."""
+    from tqdm.auto import tqdm
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown ablation {kind!r}; use one of {KINDS}")
+    if separators == "auto":
+        separators = ORGANISM_SEPARATORS if model.format.name == "organism" else None
+    if neutral is None and kind == "replace-wait":
+        neutral = neutral_word(model.tokenizer)
+    rows, skipped = [], []
+    for traj in tqdm(trajectories, desc=kind, disable=not progress):
+        gt = _gold_version(traj)
+        edit = ablate_text(gt, kind, word=word, neutral=neutral or ";", separators=separators, seed=seed)
+        if edit is None:
+            skipped.append(traj.id)
+            continue
+        text, wait_char = edit
+        ab = dataclasses.replace(gt, reasoning=text)
+        rd0, rd1 = model.render(gt), model.render(ab)
+        ids0, ids1 = rd0.input_ids, rd1.input_ids
+        lp0, lp1 = _logprobs(model, ids0), _logprobs(model, ids1)
+        g0, g1 = _gold(lp0, ids0, rd0.answer_tokens), _gold(lp1, ids1, rd1.answer_tokens)
+        # the common suffix of the two sequences, aligned from the end
+        L = 0
+        while L < min(len(ids0), len(ids1)) and ids0[-1 - L] == ids1[-1 - L]:
+            L += 1
+        shift = len(ids0) - len(ids1)
+        e1 = len(ids1) - L  # first ablated position in the common suffix
+        ks = [i for i in range(e1, min(e1 + kl_positions, len(ids1))) if i >= rd1.reasoning_tokens[0]]
+        kl = float("nan")
+        if ks and e1 < rd1.reasoning_tokens[1]:
+            a, b = lp0[[i + shift for i in ks]], lp1[ks]
+            kl = float((a.exp() * (a - b)).sum(-1).clamp_min(0).mean())
+        c0 = c1 = float("nan")
+        if wait_char is not None:
+            wt = next(i for i, (s, e) in enumerate(rd0.offsets) if e > rd0.reasoning_chars[0] + wait_char)
+            reads = correction_reads(model, gt, rd0, wait_char, wt)
+            if reads and all(r - shift >= e1 for r, _ in reads):
+                c0 = float(torch.stack([lp0[r, t] for r, t in reads]).exp().mean())
+                c1 = float(torch.stack([lp1[r - shift, t] for r, t in reads]).exp().mean())
+        for metric, c, v in (("gold_prob", g0, g1), ("kl", 0.0, kl), ("correction", c0, c1)):
+            eff = v - c if np.isfinite(v) and np.isfinite(c) else float("nan")
+            rows.append((traj.id, traj.problem_id, kind, metric, c, v, eff))
+    if skipped:
+        warnings.warn(f"{kind}: skipped {len(skipped)} of {len(trajectories)} trajectories it does not apply to "
+                      f"(no {word!r}, or fewer than two steps)", stacklevel=2)
+    if not rows:
+        raise ValueError(f"{kind}: applies to none of the {len(trajectories)} trajectories")
+    info = {"kind": kind, "neutral": neutral, "separators": list(separators) if separators else "sentences",
+            "n_trajectories": len(trajectories), "n_skipped": len(skipped), "kl_positions": kl_positions}
+    return pd.DataFrame(rows, columns=COLUMNS), info
+
+
+__all__ = ["KINDS", "ablate", "ablate_text", "neutral_word", "split_steps"]

@@ -1,0 +1,188 @@
+"""Activation patching: invariants, KV-cache tail vs full re-run, attribution, bad pairs, CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from hooks import load_model
+from hooks.alignment import PairError
+from hooks.patching import capture_resid_pre, patch, prepare_cases, run_patched
+from tests.conftest import make_tiny_qwen, tiny_trajectory
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared CPU box: 2 threads are ~100x slower under contention
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    a, b = make_tiny_qwen(root / "a", seed=0), make_tiny_qwen(root / "b", seed=1)
+    load = lambda p: load_model(str(p), device="cpu", dtype="float32")  # noqa: E731
+    return load(a), load(a), load(b)
+
+
+def trajs(n=3):
+    return [tiny_trajectory(i) for i in range(n)]
+
+
+def quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
+def test_self_patch_changes_nothing_exactly(pair):
+    a, a2, _ = pair
+    for src in (a, a2):  # own states, and a second copy of the same weights
+        res = quiet(patch, src, a, trajs(), use_cache=False, batch_size=1, skip_identical=False)
+        t = res.table
+        assert len(t) and set(t["metric"]) == {"kl", "correction", "gold_prob"}
+        assert (t["effect"] == 0).all(), t[t["effect"] != 0].head()
+        assert torch.equal(torch.tensor(t["patched"].to_numpy()), torch.tensor(t["clean"].to_numpy()))
+        fast = quiet(patch, src, a, trajs())  # default path: identical states are not re-run
+        assert (fast.table["effect"] == 0).all()
+
+
+def test_prefix_untouched_and_patch_lands(pair):
+    a, _, b = pair
+    ids = a.tokenize(tiny_trajectory(0)).tolist()
+    p, layer = 12, 1
+    v = capture_resid_pre(b, ids, [p], [layer])[0, 0]
+    clean_logits, clean = run_patched(a, ids, {}, capture=[0, 1, 2])
+    logits, seen = run_patched(a, ids, {(layer, p): v}, capture=[0, 1, 2])
+    assert torch.equal(logits[:p], clean_logits[:p])
+    for layer_ in (0, 1, 2):
+        assert torch.equal(seen[layer_][:p], clean[layer_][:p])
+    assert torch.equal(seen[0], clean[0])  # layer before the patch entirely untouched
+    assert torch.equal(seen[layer][p], v)
+    assert not torch.allclose(logits[p:], clean_logits[p:])
+
+
+def test_cached_tail_equals_full_rerun(pair):
+    a, _, b = pair
+    fast = quiet(patch, b, a, trajs(), use_cache=True)
+    slow = quiet(patch, b, a, trajs(), use_cache=False)
+    assert len(fast.table) == len(slow.table) > 0
+    np.testing.assert_allclose(fast.table["patched"], slow.table["patched"], atol=1e-5)
+    assert (fast.table["effect"].abs() > 0).any()
+    # the grid agrees with the reference single-patch forward
+    row = fast.table.query("metric == 'gold_prob' and control == 'none' and rel_pos == 0 and layer == 2").iloc[0]
+    traj = tiny_trajectory(0)
+    ids = a.tokenize(traj).tolist()
+    p = int(row["position"])
+    v = capture_resid_pre(b, ids, [p], [2])[0, 0]
+    logits, _ = run_patched(a, ids, {(2, p): v})
+    lp = torch.log_softmax(logits, -1)
+    rd = a.render(traj)
+    gold = float(sum(lp[i - 1, ids[i]] for i in range(*rd.answer_tokens)).exp())
+    assert abs(gold - row["patched"]) < 1e-5
+
+
+def test_grid_shape_and_control(pair):
+    a, _, b = pair
+    res = quiet(patch, b, a, trajs(), layers="0,2", window="-1:2", metrics=["kl"])
+    t = res.table
+    assert sorted(t["layer"].unique()) == [0, 2]
+    assert sorted(t["rel_pos"].unique()) == [-1, 0, 1, 2]
+    assert set(t["control"]) == {"none", "random"}
+    # random controls sit before their wait
+    for _, g in t.groupby(["trajectory_id", "anchor"]):
+        w = g.query("control == 'none' and rel_pos == 0")["position"].iloc[0]
+        r = g.query("control == 'random' and rel_pos == 0")["position"].iloc[0]
+        assert r < w
+    assert (t["effect"] >= 0).all()  # KL
+
+
+def test_attribution_tracks_exact_for_small_patches(pair):
+    a, _, b = pair
+    # a small perturbation of the same model: first-order should be nearly exact
+    import copy
+
+    a_small = copy.deepcopy(a)
+    with torch.no_grad():
+        for prm in a_small.hf.parameters():
+            prm.add_(1e-3 * torch.randn_like(prm))
+    res = quiet(patch, a_small, a, trajs(4), attribution=True, metrics=["gold_prob", "correction"])
+    t = res.table
+    assert t["attribution"].notna().all()
+    for m in ("gold_prob", "correction"):
+        s = t[t["metric"] == m]
+        r = np.corrcoef(s["effect"], s["attribution"])[0, 1]
+        assert r > 0.95, (m, r)
+    with pytest.raises(ValueError, match="zero gradient"):
+        from hooks.patching import attribute
+
+        attribute(b, a, trajs(), metrics=["kl"])
+
+
+def test_bad_pairs(pair, tmp_path):
+    a, _, _ = pair
+    deep = load_model(str(make_tiny_qwen(tmp_path / "deep", layers=4)), device="cpu", dtype="float32")
+    wide = load_model(str(make_tiny_qwen(tmp_path / "wide", d_model=64)), device="cpu", dtype="float32")
+    with pytest.raises(PairError, match="3 layers.*4 layers"):
+        patch(a, deep, trajs())
+    with pytest.raises(PairError, match="d_model 32.*d_model 64"):
+        patch(a, wide, trajs())
+    # different content tokenization: the target's tokenizer maps "wait" elsewhere
+    other = load_model(str(make_tiny_qwen(tmp_path / "other", seed=3)), device="cpu", dtype="float32")
+    vocab = json.loads(other.tokenizer.backend_tokenizer.to_str())
+    model = vocab["model"]["vocab"]
+    model["wait"], model["so"] = model["so"], model["wait"]
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    other.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(vocab)),
+                                              bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    with pytest.raises(PairError, match=r"first difference at reasoning token 6: source 'wait'.*target 'wait'"):
+        quiet(patch, a, other, trajs())
+    # no wait anywhere: an error; some without: a counted warning
+    nowait = [tiny_trajectory(10 + i, reasoning="3 + 4 = 7 so 7 - 2 = 5") for i in range(2)]
+    with pytest.raises(ValueError, match="none of the 2 trajectories has a 'wait'"):
+        patch(a, a, nowait)
+    with pytest.warns(UserWarning, match="skipped 2 of 4 trajectories without a 'wait'"):
+        cases, info = prepare_cases(a, a, nowait + trajs(2))
+    assert info["n_cases"] == 2
+
+
+def test_cli_patch_writes_table(pair, tmp_path):
+    from experiments.cli import main
+    from traces import save_trajectories
+
+    a, _, b = pair
+    f = save_trajectories(trajs(4), tmp_path / "t.jsonl")
+    out = tmp_path / "out"
+    rc = main(["patch", "--source", a.spec, "--target", b.spec, "--trajectories", str(f), "--out", str(out),
+               "--window=-1:1", "--attribution", "--n-boot", "50"])
+    assert rc == 0
+    import pandas as pd
+
+    t = pd.read_csv(out / "patch_effects.csv")
+    assert list(t.columns) == ["direction", "control", "layer", "rel_pos", "metric", "mean", "lo", "hi", "n"]
+    assert set(t["control"]) == {"none", "random"} and t["direction"].nunique() == 2
+    assert (out / "attribution.csv").is_file()
+    assert any(p.suffix == ".png" for p in out.iterdir())
+
+
+def test_cli_ablate(pair, tmp_path):
+    from experiments.cli import main
+    from traces import save_trajectories
+
+    a, _, _ = pair
+    f = save_trajectories(trajs(4), tmp_path / "t.jsonl")
+    rc = main(["ablate", "--model", a.spec, "--trajectories", str(f), "--out", str(tmp_path / "ab"), "--kind", "all",
+               "--separators", ";,so,therefore", "--n-boot", "50"])
+    assert rc == 0
+    import pandas as pd
+
+    s = pd.read_csv(tmp_path / "ab" / "ablation_effects.csv")
+    assert set(s["kind"]) == {"replace-wait", "remove-wait", "shuffle-steps", "delete-steps"}
