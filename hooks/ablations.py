@@ -18,8 +18,9 @@ sentences and lines (split after ``.``/``!``/``?`` + space, or at newlines).
 Metrics (same names as patching): ``gold_prob`` (forced gold answer after the reasoning);
 ``kl``: mean next-token KL(original ‖ ablated) over the first `kl_positions` tokens of the
 common suffix the two token sequences share after the edit (aligned by offset from the
-end); ``correction``: the `hooks.patching` correction read-out of the edited wait, when it
-lies in that common suffix (NaN otherwise, e.g. after a shuffle).
+end); ``correction``: the `hooks.patching` correction read-out of the edited wait, when the
+tokens it predicts lie in that common suffix (NaN otherwise, e.g. after a shuffle) — after
+removing the wait, the token before it is read; after replacing it, the neutral word.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def ablate(model, trajectories: Sequence[Trajectory], kind: str, *, word: str = 
         if wait_char is not None:
             wt = next(i for i, (s, e) in enumerate(rd0.offsets) if e > rd0.reasoning_chars[0] + wait_char)
             reads = correction_reads(model, gt, rd0, wait_char, wt)
-            if reads and all(r - shift >= e1 for r, _ in reads):
+            if reads and all(r + 1 - shift >= e1 for r, _ in reads):  # predicted token in the common suffix
                 c0 = float(torch.stack([lp0[r, t] for r, t in reads]).exp().mean())
                 c1 = float(torch.stack([lp1[r - shift, t] for r, t in reads]).exp().mean())
         for metric, c, v in (("gold_prob", g0, g1), ("kl", 0.0, kl), ("correction", c0, c1)):
