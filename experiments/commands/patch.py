@@ -80,79 +80,110 @@ def _setup(args):
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    from experiments.plots import save_figure
-    from experiments.plots.patching import attribution_scatter, heatmaps, layer_curves
     from hooks import load_model
-    from hooks.patching import DIFFERENTIABLE, patch
-    from probes.patching import attribution_agreement, summarize_patches, wait_vs_random
 
     trajs, out = _setup(args)
     metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
     kw = dict(device=args.device, dtype=args.model_dtype)
     source, target = load_model(args.source, **kw), load_model(args.target, **kw)
-    pairs = [(source, target)] + ([] if args.one_way else [(target, source)])
+    patch_to_dir(source, target, trajs, out, layers=args.layers, window=args.window, metrics=metrics,
+                 word=args.word, both_directions=not args.one_way, control=not args.no_control,
+                 attribution=args.attribution, kl_positions=args.kl_positions, n_boot=args.n_boot,
+                 seed=args.seed, progress=not args.quiet,
+                 manifest={"source": args.source, "target": args.target, "trajectories": args.trajectories})
+    return 0
+
+
+def patch_to_dir(source, target, trajs, out: Path, *, layers="all", window="-2:4",
+                 metrics=("kl", "correction", "gold_prob"), word="wait", both_directions=True, control=True,
+                 attribution=False, kl_positions=8, n_boot=1000, seed=0, progress=True,
+                 manifest: dict | None = None) -> dict:
+    """Patch `source` -> `target` (and back), write tables and figures into `out`; returns a summary."""
+    from experiments.plots import save_figure
+    from experiments.plots.patching import attribution_scatter, heatmaps, layer_curves
+    from hooks.patching import DIFFERENTIABLE, patch
+    from probes.patching import attribution_agreement, summarize_patches, wait_vs_random
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = list(metrics)
+    pairs = [(source, target)] + ([(target, source)] if both_directions else [])
     result = None
     for src, tgt in pairs:
-        r = patch(src, tgt, trajs, layers=args.layers, window=args.window, metrics=metrics, word=args.word,
-                  control=not args.no_control, kl_positions=args.kl_positions, seed=args.seed,
-                  attribution=args.attribution and any(m in DIFFERENTIABLE for m in metrics),
-                  progress=not args.quiet)
+        r = patch(src, tgt, trajs, layers=layers, window=window, metrics=metrics, word=word,
+                  control=control, kl_positions=kl_positions, seed=seed,
+                  attribution=attribution and any(m in DIFFERENTIABLE for m in metrics),
+                  progress=progress)
         result = r if result is None else result.concat(r)
         cost = r.info["cost"]
         print(f"{r.info['direction']}: {r.info['n_cases']} trajectories ({r.info['n_skipped_no_wait']} without a "
-              f"{args.word!r} skipped), {r.info['n_anchors']} waits; {cost['tail_rows']} patched forwards "
+              f"{word!r} skipped), {r.info['n_anchors']} waits; {cost['tail_rows']} patched forwards "
               f"({cost['tail_token_fraction']:.1f} full-forward equivalents of tokens)")
     table = result.table
     table.to_csv(out / "patch_rows.csv.gz", index=False)
-    effects = summarize_patches(table, n_boot=args.n_boot, seed=args.seed)
+    effects = summarize_patches(table, n_boot=n_boot, seed=seed)
     effects.to_csv(out / "patch_effects.csv", index=False)
-    if not args.no_control:
-        wait_vs_random(table, n_boot=args.n_boot, seed=args.seed).to_csv(out / "wait_vs_random.csv", index=False)
+    summary: dict = {"n_effect_rows": len(effects)}
+    if control:
+        contrast = wait_vs_random(table, n_boot=n_boot, seed=seed)
+        contrast.to_csv(out / "wait_vs_random.csv", index=False)
     for m in metrics:
         if (effects["metric"] == m).any():
             save_figure(heatmaps(effects, m), out / f"patch_heatmap_{m}.png")
             save_figure(layer_curves(effects, m), out / f"patch_layers_{m}.png")
-    if args.attribution and table["attribution"].notna().any():
+    if attribution and table["attribution"].notna().any():
         agree = attribution_agreement(table)
         agree.to_csv(out / "attribution.csv", index=False)
         save_figure(attribution_scatter(table, agree), out / "attribution_vs_exact.png")
         print(agree.to_string(index=False))
-    elif args.attribution:
+    elif attribution:
         print("attribution: no differentiable metric requested (kl has zero gradient at the clean run)")
     (out / "patch_manifest.json").write_text(json.dumps(
-        {"source": args.source, "target": args.target, "trajectories": args.trajectories,
-         "info": {k: v for k, v in result.info.items()}}, indent=2, default=str) + "\n")
+        {**(manifest or {}), "info": dict(result.info)}, indent=2, default=str) + "\n")
     print(f"wrote {out / 'patch_effects.csv'} ({len(effects)} rows) and figures to {out}")
-    return 0
+    return summary
 
 
 def run_ablate(args: argparse.Namespace) -> int:
+    from hooks import load_model
+    from hooks.ablations import KINDS
+
+    trajs, out = _setup(args)
+    kinds = list(KINDS) if args.kind == "all" else [k.strip() for k in args.kind.split(",") if k.strip()]
+    seps = args.separators
+    seps = None if seps == "sentences" else seps if seps == "auto" else [x for x in seps.split(",") if x]
+    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    summary = ablate_to_dir(model, trajs, out, kinds=kinds, word=args.word, neutral=args.neutral,
+                            separators=seps, kl_positions=args.kl_positions, n_boot=args.n_boot,
+                            seed=args.seed, progress=not args.quiet, model_name=args.model)
+    print(summary.to_string(index=False))
+    print(f"wrote {out / 'ablation_effects.csv'}")
+    return 0
+
+
+def ablate_to_dir(model, trajs, out: Path, *, kinds, word="wait", neutral=None, separators="auto",
+                  kl_positions=8, n_boot=1000, seed=0, progress=True, model_name: str | None = None):
+    """Run each ablation kind on `trajs`, write tables and a figure into `out`; returns the summary table."""
     import pandas as pd
 
     from experiments.plots import save_figure
     from experiments.plots.patching import ablation_bars
-    from hooks import load_model
-    from hooks.ablations import KINDS, ablate
+    from hooks.ablations import ablate
     from probes.patching import summarize_ablations
 
-    trajs, out = _setup(args)
-    kinds = list(KINDS) if args.kind == "all" else [k.strip() for k in args.kind.split(",") if k.strip()]
-    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     tables, infos = [], []
     for kind in kinds:
-        seps = args.separators
-        seps = None if seps == "sentences" else seps if seps == "auto" else [x for x in seps.split(",") if x]
-        t, info = ablate(model, trajs, kind, word=args.word, neutral=args.neutral, kl_positions=args.kl_positions,
-                         separators=seps,
-                         seed=args.seed, progress=not args.quiet)
+        t, info = ablate(model, trajs, kind, word=word, neutral=neutral, kl_positions=kl_positions,
+                         separators=separators, seed=seed, progress=progress)
         tables.append(t)
         infos.append(info)
     table = pd.concat(tables, ignore_index=True)
     table.to_csv(out / "ablation_rows.csv", index=False)
-    summary = summarize_ablations(table, n_boot=args.n_boot, seed=args.seed)
+    summary = summarize_ablations(table, n_boot=n_boot, seed=seed)
     summary.to_csv(out / "ablation_effects.csv", index=False)
     save_figure(ablation_bars(summary), out / "ablation_effects.png")
-    (out / "ablation_manifest.json").write_text(json.dumps({"model": args.model, "runs": infos}, indent=2) + "\n")
-    print(summary.to_string(index=False))
-    print(f"wrote {out / 'ablation_effects.csv'}")
-    return 0
+    (out / "ablation_manifest.json").write_text(
+        json.dumps({"model": model_name or getattr(model, "spec", None), "runs": infos}, indent=2) + "\n")
+    return summary
