@@ -1,0 +1,129 @@
+"""The traces layer: trajectory files (and their errors), grading, lexicon, positions —
+positions on SmolLM2's real BPE tokenizer (variants, multi-token words, no false hits)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from traces import (
+    Lexicon,
+    Trajectory,
+    TrajectoryFileError,
+    control_positions,
+    find_positions,
+    grade,
+    load_trajectories,
+    save_trajectories,
+)
+
+GOOD = {"id": "a", "problem_id": "p", "prompt": "Q", "reasoning": "wait", "answer": "1", "gold": "1"}
+
+
+def write_lines(path, *lines):
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+# -- files ------------------------------------------------------------------------------------
+def test_round_trip_and_grading_of_missing_correct(tmp_path):
+    f = write_lines(tmp_path / "t.jsonl", GOOD, "", {**GOOD, "id": "b", "answer": "2", "extra_key": [1]},
+                    {**GOOD, "id": "c", "answer": "2", "correct": True})
+    ts = load_trajectories(f)
+    assert [t.id for t in ts] == ["a", "b", "c"]
+    assert [t.correct for t in ts] == [True, False, True]  # graded, graded, as given
+    assert ts[1].extra == {"extra_key": [1]}
+    again = load_trajectories(save_trajectories(ts, tmp_path / "u.jsonl"))
+    assert [t.to_dict() for t in again] == [t.to_dict() for t in ts]
+
+
+@pytest.mark.parametrize("lines,msg", [
+    ([GOOD, "{not json"], r"t\.jsonl:2: not valid JSON"),
+    ([GOOD, {**GOOD, "id": "b"}, {k: v for k, v in GOOD.items() if k != "prompt"}],
+     r"t\.jsonl:3: missing key\(s\) \['prompt'\]"),
+    ([GOOD, GOOD], r"t\.jsonl:2: duplicate trajectory id 'a' \(first on line 1\)"),
+    ([{**GOOD, "correct": "yes"}], r"t\.jsonl:1: key 'correct' must be true, false or absent"),
+    ([{**GOOD, "reasoning": 3}], r"t\.jsonl:1: key 'reasoning' must be a string"),
+    (["[1, 2]"], r"t\.jsonl:1: expected a JSON object"),
+    ([""], r"no trajectories"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, lines, msg):
+    f = write_lines(tmp_path / "t.jsonl", *lines)
+    with pytest.raises(TrajectoryFileError, match=msg):
+        load_trajectories(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="trajectory file not found"):
+        load_trajectories(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("answer,gold,ok", [
+    ("42", "42", True), (" 42. ", "42", True), ("$42$", "42", True), ("41", "42", False),
+    ("\\boxed{\\frac{1}{2}}", "0.5", True), ("1/2", "\\frac{1}{2}", True), ("x = 3", "3", True),
+    ("the answer is banana", "42", False),
+])
+def test_grade(answer, gold, ok):
+    assert grade(answer, gold) is ok
+
+
+def test_grade_modes():
+    assert grade("1/2", "0.5", mode="exact") is False
+    with pytest.raises(ValueError, match="grading mode"):
+        grade("1", "1", mode="fuzzy")
+
+
+# -- lexicon ----------------------------------------------------------------------------------
+def test_lexicon_whole_words_any_case_and_phrases():
+    lex = Lexicon(["wait", "so", "let me check", "check"])
+    text = "Wait, so... awaits also WAIT; let  me\ncheck. checked So-so"
+    got = [(m.word, m.surface) for m in lex.finditer(text)]
+    assert got == [("wait", "Wait"), ("so", "so"), ("wait", "WAIT"), ("let me check", "let  me\ncheck"),
+                   ("so", "So"), ("so", "so")]
+    with pytest.raises(ValueError, match="empty"):
+        Lexicon([])
+    assert Lexicon.parse("Wait, so").words == ("wait", "so")
+
+
+# -- positions on SmolLM2's tokenizer ---------------------------------------------------------
+REASONING = ("Wait, the sum is 7. Let me wait a moment. WAIT. Alternatively, we could check "
+             "whether 7 awaits also a proof; alternatively it is prime. Hmm, done.")
+
+
+@pytest.mark.slow
+def test_positions_on_smollm2(smollm2):
+    t = Trajectory("t", "p", "Is 7 prime?", REASONING, "yes", "yes", True)
+    pos = find_positions(smollm2, [t], ["wait", "alternatively", "hmm", "so"], anchor="both")
+    tab = pos.table
+    rd = smollm2.render(t)
+    assert rd.input_ids == smollm2.tokenize(t).tolist()
+    surfaces = tab.drop_duplicates("char_start")["surface"].tolist()
+    assert surfaces == ["Wait", "wait", "WAIT", "Alternatively", "alternatively", "Hmm"]  # not awaits/also
+    assert set(tab["word"]) == {"wait", "alternatively", "hmm"}
+    for _, r in tab.iterrows():
+        # the span's tokens decode to (a piece of text containing) exactly this occurrence
+        span = smollm2.tokenizer.decode(rd.input_ids[r.span_start:r.span_end]).strip()
+        assert span.lower().startswith(r.surface.lower()) and r.surface == rd.text[r.char_start:r.char_end]
+        assert r.span_start <= r.token_index < r.span_end
+        assert r.rel_index == r.token_index - rd.reasoning_tokens[0] and 0 <= r.frac < 1
+    wait_caps = tab[tab["surface"] == "WAIT"]
+    assert wait_caps["span_end"].iloc[0] - wait_caps["span_start"].iloc[0] == 2  # " WA" + "IT"
+    assert sorted(wait_caps["anchor"]) == ["first", "last"]  # anchor="both": two rows
+    first = find_positions(smollm2, [t], ["wait"], anchor="first").table
+    last = find_positions(smollm2, [t], ["wait"], anchor="last").table
+    assert (last["token_index"] - first["token_index"]).tolist() == [0, 0, 1]
+    ctrl = control_positions(smollm2, [t], pos, seed=0).table
+    assert len(ctrl) == len(tab) and set(ctrl["word"]) == {"<control>"}
+    taken = {i for s, e in zip(tab["span_start"], tab["span_end"], strict=True) for i in range(s, e)}
+    assert not taken & set(ctrl["token_index"])
+
+
+@pytest.mark.slow
+def test_no_match_warns_and_gives_empty_table(smollm2):
+    t = Trajectory("t", "p", "Q", "The weights await us, also the bonus.", "1", "1", True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pos = find_positions(smollm2, [t], ["wait", "so"])
+    assert len(pos) == 0 and any("no lexicon word" in str(x.message) for x in w)
