@@ -1,0 +1,97 @@
+"""Model loading: every spec kind, clear errors for bad ones, and the hook points."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hooks import ContextLengthError, ModelLoadError, load_model
+from hooks.points import hook_name, parse_hook_name, residual_hooks, resolve_layers
+from tests.conftest import WORDS, make_tiny_qwen, tiny_trajectory
+
+
+def write_gguf(path, arch):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_model_facts_and_tokenize(tiny_model):
+    assert tiny_model.n_layers == 3 and tiny_model.d_model == 32 and tiny_model.n_ctx == 4096
+    assert tiny_model.hf.config._attn_implementation == "sdpa"
+    assert tiny_model.format.name == "tiny"  # from the directory's waitlens_format.json
+    t = tiny_trajectory()
+    ids = tiny_model.tokenize(t)
+    assert ids.dtype == torch.long and ids.tolist() == tiny_model.render(t).input_ids
+    # the word-level tokenizer is loaded as saved: every word is its own token, none dropped
+    words = tiny_model.render(t).text.split()
+    assert [WORDS[i] for i in ids.tolist()] == words
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("/nonexistent/model", "model path not found: /nonexistent/model"),
+    ("./missing.gguf", "model path not found"),
+    ("nosuchfamily:v1", "unknown model family 'nosuchfamily'"),
+])
+def test_bad_specs(spec, msg):
+    with pytest.raises(ModelLoadError, match=msg):
+        load_model(spec, device="cpu")
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model directory"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    f = write_gguf(tmp_path / "m.gguf", "bogus")
+    with pytest.raises(ModelLoadError, match="GGUF architecture 'bogus' is not supported"):
+        load_model(str(f), device="cpu")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"definitely not gguf")
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model(str(junk), device="cpu")
+
+
+def test_context_length_error(tmp_path):
+    m = load_model(str(make_tiny_qwen(tmp_path / "short", max_pos=16)), device="cpu", dtype="float32")
+    with pytest.raises(ContextLengthError, match=r"trajectory 't0' has \d+ tokens, more than the context .*16 tokens"):
+        m.tokenize(tiny_trajectory())
+
+
+def test_hook_names():
+    assert hook_name(3) == "blocks.3.hook_resid_post" and parse_hook_name("blocks.2.hook_resid_pre") == (2, "resid_pre")
+    assert resolve_layers("all", 4) == [0, 1, 2, 3] and resolve_layers("3,0", 4) == [0, 3]
+    for bad, msg in [("blocks.x.hook_resid_post", "not a residual hook name"), ("blocks.1.hook_attn", "not a residual")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_hook_name(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers([4], 4)
+    with pytest.raises(ValueError, match="comma-separated"):
+        resolve_layers("1;2", 4)
+
+
+def test_hooks_can_replace_and_are_removed(tiny_model):
+    ids = tiny_model.tokenize(tiny_trajectory())[None]
+    with torch.inference_mode():
+        bare = tiny_model.hf(ids).logits
+        with residual_hooks(tiny_model, {"blocks.1.hook_resid_pre": lambda h: torch.zeros_like(h)}):
+            zeroed = tiny_model.hf(ids).logits
+        after = tiny_model.hf(ids).logits
+    assert not torch.allclose(bare, zeroed) and torch.equal(bare, after)
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf(smollm2):
+    assert smollm2.n_layers == 30 and smollm2.d_model == 576 and smollm2.format.name == "chat"
+    assert smollm2.tokenizer("Wait", add_special_tokens=False).input_ids == [33359]
+    with pytest.raises(ContextLengthError, match="more than the context"):
+        smollm2.check_length(smollm2.n_ctx + 1, "long")
