@@ -1,0 +1,90 @@
+"""`waitlens probe`: per-layer correctness probes on one or more activation stores.
+
+    waitlens probe --store DIR [--store DIR2 ...] --out DIR [--word wait ...] [--transfer]
+
+Writes probe_results.csv (one row per model, word, layer), probe_margins.csv (each probe's
+margin over its controls, paired-bootstrap CIs), probe_auroc_by_layer.png; with --transfer
+also transfer.csv, transfer_cosine.csv, transfer_matrix.png and transfer_cosine.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("probe", help="linear probes for eventual correctness, per layer",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", action="append", required=True, metavar="DIR",
+                   help="activation store directory (repeat for several models)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--word", action="append", default=None,
+                   help="discourse word to probe at (repeatable; 'all' pools every word; default wait)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer numbers (default: all stored)")
+    p.add_argument("--model", default=None, help="probe only this model's positions of a mixed store")
+    p.add_argument("--allow-mixed", action="store_true", help="probe a store that mixes models, as one")
+    p.add_argument("--folds", type=int, default=5, help="outer CV folds, grouped by problem (default 5)")
+    p.add_argument("--inner-folds", type=int, default=3, help="inner CV folds choosing C (default 3)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of problems (default 1000)")
+    p.add_argument("--no-controls", action="store_true", help="skip the controls (faster)")
+    p.add_argument("--transfer", action="store_true", help="also the transfer table between the stores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the solver (default 1: its matrices are small, and extra threads "
+                        "on a shared CPU slow it down; raise it on a machine of your own)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from experiments.plots import save_figure
+    from experiments.plots.probes import plot_auroc_by_layer, plot_cosine, plot_transfer_matrix
+    from hooks.store import ActivationStore
+    from probes.linear import CSV_COLUMNS, fit_layer_probes
+    from probes.transfer import transfer_matrix
+
+    out = Path(args.out)
+    words = args.word or ["wait"]
+    stores = [ActivationStore(s) for s in args.store]
+    results = []
+    for store in stores:
+        res = fit_layer_probes(store, words=words, layers=args.layers, model=args.model,
+                               allow_mixed=args.allow_mixed, n_folds=args.folds, n_inner=args.inner_folds,
+                               controls=not args.no_controls, n_boot=args.n_boot, seed=args.seed,
+                               threads=args.threads)
+        results.append(res)
+        for word in dict.fromkeys(res.table["word"]):
+            best = res.best_layer(word)
+            r = res.table[(res.table.word == word) & (res.table.layer == best)].iloc[0]
+            m = res.margins[(res.margins.word == word) & (res.margins.layer == best)].iloc[0]
+            print(f"{res.model} '{word}': best layer {best}: AUROC {r.auroc:.3f} [{r.auroc_lo:.3f}, "
+                  f"{r.auroc_hi:.3f}], random-position control {r.control_random_auroc:.3f}, shuffled "
+                  f"{r.control_shuffled_auroc:.3f}, position baseline {r.baseline_auroc:.3f}; margin over "
+                  f"random {m.margin_random:+.3f} [{m.margin_random_lo:+.3f}, {m.margin_random_hi:+.3f}], "
+                  f"over baseline {m.margin_baseline:+.3f} [{m.margin_baseline_lo:+.3f}, {m.margin_baseline_hi:+.3f}]")
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.concat([r.table for r in results], ignore_index=True)[CSV_COLUMNS]
+    table.to_csv(out / "probe_results.csv", index=False)
+    pd.concat([r.margins for r in results], ignore_index=True).to_csv(out / "probe_margins.csv", index=False)
+    save_figure(plot_auroc_by_layer(table), out / "probe_auroc_by_layer.png")
+    print(f"wrote {out / 'probe_results.csv'}, {out / 'probe_margins.csv'}, {out / 'probe_auroc_by_layer.png'}")
+    if args.transfer:
+        if len(stores) < 2:
+            raise ValueError("--transfer needs at least two --store directories")
+        word = words[0]
+        tr = transfer_matrix(stores, word=word, layers=args.layers, probe_results=results,
+                             n_folds=args.folds, n_inner=args.inner_folds, n_boot=args.n_boot,
+                             seed=args.seed, threads=args.threads, names=None)
+        tr.table.to_csv(out / "transfer.csv", index=False)
+        tr.cosine.to_csv(out / "transfer_cosine.csv", index=False)
+        matrix = tr.matrix("best")
+        save_figure(plot_transfer_matrix(matrix, f"probe transfer at '{word}' (best layer of the train model)"),
+                    out / "transfer_matrix.png")
+        save_figure(plot_cosine(tr.cosine, f"probe directions at '{word}'"), out / "transfer_cosine.png")
+        print(matrix.round(3).to_string())
+        print(f"wrote {out / 'transfer.csv'}, {out / 'transfer_cosine.csv'}, {out / 'transfer_matrix.png'}")
+    return 0

@@ -1,0 +1,689 @@
+"""Per-layer linear probes for eventual correctness, with leak-free CV and their controls.
+
+The question: does the residual state at a discourse token ("wait") already say whether the
+trajectory will end correct? A probe is standardized features + L2 logistic regression with
+the strength C chosen by inner cross-validation, one per layer. Every estimate is
+out-of-fold under cross-validation grouped by problem: no problem has positions on both
+sides of a split (positions of one problem share most of their state and often the label;
+ungrouped CV reads that shared identity as "signal" — see the planted-leakage test).
+
+Each probe is reported beside three controls, fitted with the same folds:
+
+- random positions: the same probe on states at non-discourse positions of the same
+  trajectories, matched for relative position (rows with ``word == "<control>"``);
+- shuffled labels (Hewitt & Liang's selectivity): labels permuted across trajectories —
+  the unit that carries the real label — so the control task has the real label's structure
+  (one label for every position of a trajectory, the same class balance) but no relation to
+  the states. A probe expressive enough to memorize trajectories could fit it on training
+  folds; under problem-grouped CV it must score 0.5, and it is fitted with the C chosen for
+  the real task (same capacity). Selectivity = AUROC - shuffled AUROC.
+- position baseline: the same logistic regression on [frac, rel_index, n_reasoning_tokens]
+  only — what position and length alone predict.
+
+Performance: states are read once ([n, layer, d]); each outer fold standardizes all layers
+at once and fits every (layer x inner fold x C) problem together in one batched Newton
+solve (`probes.solver`); there is no per-layer loop.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import einops
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from scipy.stats import rankdata
+from sklearn.model_selection import StratifiedGroupKFold
+
+from probes.solver import fit_logistic_batched
+from probes.stats import cluster_bootstrap
+
+CONTROL = "<control>"
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
+CSV_COLUMNS = [
+    "model", "word", "layer", "auroc", "auroc_lo", "auroc_hi", "accuracy", "ece",
+    "control_random_auroc", "control_shuffled_auroc", "baseline_auroc",
+]
+MARGIN_COLUMNS = [
+    "model", "word", "layer", "C", "n_positions", "n_problems",
+    "margin_random", "margin_random_lo", "margin_random_hi",
+    "margin_baseline", "margin_baseline_lo", "margin_baseline_hi",
+    "selectivity", "selectivity_lo", "selectivity_hi",
+]
+POSITION_FEATURES = ("frac", "rel_index", "n_reasoning_tokens")
+
+
+# -- metrics ----------------------------------------------------------------------------------
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC (ties count one half); NaN when only one class is present."""
+    labels = np.asarray(labels).astype(bool)
+    n1 = int(labels.sum())
+    n0 = len(labels) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(scores)
+    return float((r[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
+    """ECE with `n_bins` equal-width bins on [0, 1]: sum_b (n_b / n) |mean(y_b) - mean(p_b)|."""
+    y = np.asarray(labels, dtype=float)
+    p = np.asarray(probs, dtype=float)
+    if len(p) == 0:
+        return float("nan")
+    b = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    gap = np.abs(np.bincount(b, y, n_bins) - np.bincount(b, p, n_bins))
+    return float(gap.sum() / len(p)) if count.sum() else float("nan")
+
+
+def _auroc_stat(v: np.ndarray) -> float:
+    return auroc(v[:, 1], v[:, 0])
+
+
+def _diff_stat(v: np.ndarray) -> float:
+    """AUROC(source 0) - AUROC(source 1) for rows [score, label, source]."""
+    a = v[:, 2] == 0
+    return auroc(v[a, 1], v[a, 0]) - auroc(v[~a, 1], v[~a, 0])
+
+
+def auroc_ci(labels, scores, groups, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(AUROC, lo, hi): 95% CI from `cluster_bootstrap` resampling whole problems."""
+    return cluster_bootstrap(np.c_[scores, labels], groups, _auroc_stat, n_boot=n_boot, seed=seed)
+
+
+def paired_auroc_difference(labels_a, scores_a, groups_a, labels_b, scores_b, groups_b, *,
+                            n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(AUROC_a - AUROC_b, lo, hi), resampling problems jointly for both (a paired bootstrap)."""
+    v = np.r_[np.c_[scores_a, labels_a, np.zeros(len(scores_a))],
+              np.c_[scores_b, labels_b, np.ones(len(scores_b))]]
+    g = np.r_[np.asarray(groups_a, dtype=object), np.asarray(groups_b, dtype=object)].astype(str)
+    return cluster_bootstrap(v, g, _diff_stat, n_boot=n_boot, seed=seed)
+
+
+# -- data in ----------------------------------------------------------------------------------
+@dataclass
+class ProbeData:
+    """States [n, layer, d] (float32 numpy), their metadata, layer numbers and model name."""
+
+    states: np.ndarray
+    metadata: pd.DataFrame
+    layers: list[int]
+    model: str
+
+
+def _as_numpy(states) -> np.ndarray:
+    if isinstance(states, torch.Tensor):
+        states = states.detach().cpu().float().numpy()
+    states = np.asarray(states, dtype=np.float32)
+    if states.ndim == 2:
+        states = states[:, None, :]
+    if states.ndim != 3:
+        raise ValueError(f"states must be [n_positions, n_layers, d_model], got shape {states.shape}")
+    return states
+
+
+def load_probe_data(source, metadata: pd.DataFrame | None = None, *, words=None, layers=None,
+                    model: str | None = None, allow_mixed: bool = False,
+                    include_controls: bool = True) -> ProbeData:
+    """States and metadata from a store directory, an `ActivationStore`, or (states, metadata).
+
+    Reads the store once, only the rows needed (the words asked for, plus control rows),
+    only the layers asked for. Checks that the positions come from one model: metadata with
+    several `model` values is an error unless `model=` picks one or `allow_mixed=True`.
+    """
+    if isinstance(source, tuple) and metadata is None:
+        source, metadata = source
+    if isinstance(source, (str, os.PathLike)):
+        from hooks.store import ActivationStore
+
+        source = ActivationStore(Path(source))
+    if metadata is None:  # a store
+        meta = source.metadata.reset_index(drop=True)
+        store_layers = list(source.layers)
+        keep = _row_filter(meta, words, include_controls)
+        model_name = str(getattr(source, "model", "") or "")
+        meta, keep, model_name = _check_models(meta, keep, model, allow_mixed, model_name, str(source.path))
+        rows = np.flatnonzero(keep)
+        use_layers = store_layers if layers is None else [int(x) for x in layers]
+        states = _as_numpy(source.states(layers=use_layers, rows=rows))
+        return ProbeData(states, meta.iloc[rows].reset_index(drop=True), use_layers, model_name)
+    states = _as_numpy(source)
+    meta = metadata.reset_index(drop=True)
+    if len(meta) != states.shape[0]:
+        raise ValueError(f"metadata has {len(meta)} rows but states has {states.shape[0]}")
+    all_layers = list(range(states.shape[1]))
+    if layers is not None:
+        layers = [int(x) for x in layers]
+        bad = [x for x in layers if x not in all_layers]
+        if bad:
+            raise ValueError(f"layer(s) {bad} not in states with {states.shape[1]} layers")
+        states = states[:, layers]
+    keep = _row_filter(meta, words, include_controls)
+    meta, keep, model_name = _check_models(meta, keep, model, allow_mixed, "", "the metadata")
+    rows = np.flatnonzero(keep)
+    return ProbeData(states[rows], meta.iloc[rows].reset_index(drop=True),
+                     list(layers) if layers is not None else all_layers, model_name)
+
+
+def _words_list(words) -> list[str] | None:
+    if words is None:
+        return None
+    words = [words] if isinstance(words, str) else list(words)
+    return None if "all" in words else [w.lower() for w in words]
+
+
+def _row_filter(meta: pd.DataFrame, words, include_controls: bool) -> np.ndarray:
+    missing = [c for c in ("trajectory_id", "problem_id", "word", "correct") if c not in meta.columns]
+    if missing:
+        raise ValueError(f"metadata lacks column(s) {missing}; a probe needs trajectory_id, problem_id, word, correct")
+    w = meta["word"].astype(str).str.lower()
+    wl = _words_list(words)
+    keep = (w != CONTROL) if wl is None else w.isin(wl)
+    if include_controls:
+        keep |= w == CONTROL
+    return keep.to_numpy(dtype=bool)
+
+
+def _check_models(meta, keep, model, allow_mixed, default, where):
+    if "model" not in meta.columns:
+        return meta, keep, model or default
+    names = sorted(meta.loc[keep, "model"].astype(str).unique())
+    if model is not None:
+        if model not in names:
+            raise ValueError(f"model {model!r} not in {where}; it holds {names}")
+        keep = keep & (meta["model"].astype(str) == model).to_numpy()
+        return meta, keep, model
+    if len(names) > 1 and not allow_mixed:
+        raise ValueError(
+            f"{where} mixes positions from {len(names)} models {names}; a probe over mixed states "
+            "learns which model a state came from. Pass model=NAME (CLI: --model NAME) to probe one "
+            "of them, or allow_mixed=True (CLI: --allow-mixed) if mixing is what you mean"
+        )
+    return meta, keep, (names[0] if len(names) == 1 else "+".join(names)) or default
+
+
+# -- folds ------------------------------------------------------------------------------------
+@dataclass
+class Folds:
+    """Outer fold of every row (problem-grouped) and, per outer fold (+1 for 'all rows'),
+    the inner fold of every training row (-1 = not a training row of that outer fold)."""
+
+    outer: np.ndarray  # [n]
+    inner: np.ndarray  # [n_folds + 1, n]
+    n_folds: int
+    n_inner: int
+    problems: np.ndarray | None = None
+
+    def problem_map(self, problems: np.ndarray) -> tuple[dict, list[dict]]:
+        """problem -> outer fold, and per outer fold problem -> inner fold."""
+        outer = dict(zip(problems, self.outer, strict=True))
+        inner = []
+        for f in range(self.n_folds + 1):
+            m = self.inner[f] >= 0
+            inner.append(dict(zip(problems[m], self.inner[f][m], strict=True)))
+        return outer, inner
+
+    def apply(self, problems: np.ndarray) -> Folds:
+        """The same problem-level split for other rows (e.g. control positions)."""
+        pm, inner = self.problem_map(self.problems)
+        problems = np.asarray(problems).astype(str)
+        unknown = sorted(set(problems) - set(pm))
+        if unknown:
+            raise ValueError(f"{len(unknown)} problem(s) not in the probe's rows, e.g. {unknown[:3]}")
+        outer = np.array([pm[p] for p in problems])
+        inn = np.array([[im.get(p, -1) for p in problems] for im in inner]).reshape(self.n_folds + 1, -1)
+        return Folds(outer, inn, self.n_folds, self.n_inner, problems)
+
+
+def check_labels(y: np.ndarray, groups: np.ndarray, n_folds: int, what: str = "positions") -> None:
+    """The errors a probe cannot run past: a single class; fewer problems than folds."""
+    y = np.asarray(y).astype(bool)
+    if len(y) == 0:
+        raise ValueError(f"no {what} to probe: check the word(s) asked for and the store")
+    if y.all() or not y.any():
+        cls = "correct" if y.all() else "incorrect"
+        raise ValueError(
+            f"all {len(y)} {what} come from {cls} trajectories (a single class); a correctness probe "
+            "needs both correct and incorrect trajectories: sample more or harder problems, or a "
+            "weaker model, and capture again"
+        )
+    groups = np.asarray(groups)
+    n_prob = len(np.unique(groups))
+    pos_prob = len(np.unique(groups[y]))
+    neg_prob = len(np.unique(groups[~y]))
+    if n_prob < n_folds:
+        raise ValueError(
+            f"only {n_prob} problem(s) in the {what} but {n_folds}-fold CV grouped by problem needs at "
+            f"least {n_folds} (and 2 per class for inner CV); lower n_folds (CLI: --folds) or capture "
+            "more problems"
+        )
+    if min(pos_prob, neg_prob) < 2:
+        raise ValueError(
+            f"only {pos_prob} problem(s) with correct and {neg_prob} with incorrect trajectories; "
+            "grouped CV needs at least 2 problems of each class: capture more problems"
+        )
+
+
+def make_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = 5, n_inner: int = 3,
+               seed: int = 0) -> Folds:
+    """Outer StratifiedGroupKFold by problem, and a grouped inner split inside every outer
+    training set (and inside all rows, for the final probe)."""
+    y = np.asarray(y).astype(int)
+    groups = np.asarray(groups).astype(str)
+    check_labels(y, groups, n_folds)
+    n = len(y)
+    outer = np.full(n, -1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        for f, (_, te) in enumerate(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+                                    .split(np.zeros(n), y, groups)):
+            outer[te] = f
+        inner = np.full((n_folds + 1, n), -1)
+        for f in range(n_folds + 1):
+            tr = np.flatnonzero(outer != f)
+            k = min(n_inner, len(np.unique(groups[tr])))
+            if len(np.unique(y[tr])) < 2:
+                raise ValueError(f"outer fold {f} leaves a training set with one class; lower n_folds")
+            for j, (_, te) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1 + f)
+                                        .split(np.zeros(len(tr)), y[tr], groups[tr])):
+                inner[f, tr[te]] = j
+    return Folds(outer, inner, n_folds, n_inner, groups)
+
+
+def shuffle_labels(y: np.ndarray, units: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Labels permuted across `units` (trajectories): every row of a unit gets one label,
+    drawn by permuting the units' labels (the class balance over units is kept)."""
+    y = np.asarray(y).astype(int)
+    uniq, inv = np.unique(np.asarray(units).astype(str), return_inverse=True)
+    unit_label = np.zeros(len(uniq), dtype=int)
+    unit_label[inv] = y  # the label of a unit (constant within a trajectory)
+    perm = np.random.default_rng(seed).permutation(unit_label)
+    return perm[inv]
+
+
+# -- the cross-validated fit ------------------------------------------------------------------
+@contextmanager
+def _torch_threads(n: int | None):
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass
+class CVFit:
+    """Out-of-fold probabilities [task, n, layer], chosen C per (fold, layer) and raw-unit
+    weights per (fold, task, layer) — fold `n_folds` is the fit on all rows."""
+
+    oof: np.ndarray
+    C: np.ndarray
+    coef: np.ndarray  # [F+1, T, L, d]
+    intercept: np.ndarray  # [F+1, T, L]
+    info: list = field(default_factory=list)
+
+
+def cross_validate(
+    X: Float[np.ndarray, "n layer d"], labels: Sequence[np.ndarray], folds: Folds, *,
+    Cs: Sequence[float] = DEFAULT_CS, dtype=torch.float64, tol: float = 1e-7,
+    select_dtype=torch.float32, select_tol: float = 1e-5,
+) -> CVFit:
+    """Nested grouped CV of an L2 logistic probe at every layer, batched over layers.
+
+    labels[0] chooses C (inner CV, mean held-out log loss, first best in ascending C); every
+    label vector in `labels` is then fitted with that C on the outer training rows (the
+    shuffled-label control rides along here, at the real task's capacity). The inner
+    selection runs in `select_dtype` to `select_tol` (it only has to rank the Cs); the
+    final fits run in `dtype` to `tol`, warm-started from the inner solutions.
+    """
+    X = np.asarray(X)
+    n, L, d = X.shape
+    T = len(labels)
+    Ys = [torch.as_tensor(np.asarray(y, dtype=float), dtype=dtype) for y in labels]
+    Cs = np.asarray(sorted(Cs), dtype=float)
+    nC = len(Cs)
+    F = folds.n_folds
+    oof = np.full((T, n, L), np.nan)
+    C_chosen = np.zeros((F + 1, L))
+    coef = np.zeros((F + 1, T, L, d))
+    intercept = np.zeros((F + 1, T, L))
+    info = []
+    Xall = torch.from_numpy(einops.rearrange(X, "n l d -> l n d").astype(np.float32, copy=False))
+    warm = None  # the previous fold's inner solutions: folds share most rows, so a close start
+    for f in range(F + 1):
+        tr = np.flatnonzero(folds.outer != f) if f < F else np.arange(n)
+        te = np.flatnonzero(folds.outer == f) if f < F else np.array([], dtype=int)
+        Xtr = Xall[:, torch.from_numpy(tr)].to(dtype)  # [L, n_tr, d]
+        mu = Xtr.mean(1, keepdim=True)
+        sd = Xtr.std(1, keepdim=True, unbiased=False)
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        Xs = (Xtr - mu) / sd
+        inner = folds.inner[f][tr]
+        ks = np.unique(inner)
+        # inner problems: q = k * nC + c
+        M = torch.zeros(len(tr), len(ks) * nC, dtype=dtype)
+        lam = torch.zeros(len(ks) * nC, dtype=dtype)
+        for j, k in enumerate(ks):
+            m = torch.from_numpy(inner != k).to(dtype)
+            M[:, j * nC:(j + 1) * nC] = m[:, None]
+            lam[j * nC:(j + 1) * nC] = torch.from_numpy(1.0 / (Cs * float(m.sum())))
+        y0 = Ys[0][tr]
+        Xsel = Xs.to(select_dtype)
+        if warm is not None and warm[0].shape[-1] != M.shape[1]:
+            warm = None
+        W, b, inf1 = fit_logistic_batched(Xsel, y0[:, None].expand(-1, M.shape[1]), M.to(select_dtype),
+                                          lam.to(select_dtype), tol=select_tol,
+                                          W0=None if warm is None else warm[0], b0=None if warm is None else warm[1])
+        warm = (W, b)
+        Z = torch.baddbmm(b[:, None, :], Xsel, W).to(dtype)  # [L, n_tr, Q]
+        W, b = W.to(dtype), b.to(dtype)
+        ll = torch.nn.functional.softplus(Z) - y0[None, :, None] * Z
+        held = torch.stack([torch.from_numpy(inner == k) for k in ks], 1)  # [n_tr, K]
+        score = torch.zeros(L, len(ks), nC, dtype=dtype)
+        for j in range(len(ks)):
+            h = held[:, j].to(dtype)
+            score[:, j] = (ll[:, :, j * nC:(j + 1) * nC] * h[None, :, None]).sum(1) / h.sum()
+        best = score.mean(1).argmin(1)  # [L] (first best: smallest C on ties)
+        C_chosen[f] = Cs[best.numpy()]
+        # warm start: mean of the inner solutions at the chosen C
+        idx = torch.stack([j * nC + best for j in range(len(ks))], 1)  # [L, K]
+        W0 = torch.stack([W[torch.arange(L), :, idx[:, j]] for j in range(len(ks))], 0).mean(0)  # [L, d]
+        b0 = torch.stack([b[torch.arange(L), idx[:, j]] for j in range(len(ks))], 0).mean(0)
+        lam2 = torch.from_numpy(1.0 / (C_chosen[f] * len(tr))).to(dtype)[:, None].expand(L, T)
+        Y2 = torch.stack([y[tr] for y in Ys], 1)
+        M2 = torch.ones(len(tr), T, dtype=dtype)
+        W2, b2, inf2 = fit_logistic_batched(Xs, Y2, M2, lam2, W0=W0[:, :, None].expand(-1, -1, T),
+                                            b0=b0[:, None].expand(-1, T), tol=tol)
+        info.append((inf1, inf2))
+        wr = W2 / sd.transpose(1, 2)  # raw units [L, d, T]
+        br = b2 - (mu.transpose(1, 2) * wr).sum(1)  # [L, T]
+        coef[f] = einops.rearrange(wr.numpy(), "l d t -> t l d")
+        intercept[f] = br.numpy().T
+        if len(te):
+            Xte = Xall[:, torch.from_numpy(te)].to(dtype)
+            Zt = torch.baddbmm(br[:, None, :], Xte, wr)  # [L, n_te, T]
+            oof[:, te, :] = einops.rearrange(torch.sigmoid(Zt).numpy(), "l n t -> t n l")
+    return CVFit(oof, C_chosen, coef, intercept, info)
+
+
+def match_controls(meta: pd.DataFrame, word_rows: np.ndarray, control_rows: np.ndarray) -> np.ndarray:
+    """For every word row, a control row of the same trajectory at the nearest `frac`
+    (without reuse while unused ones remain). Returns control row indices (-1: none)."""
+    out = np.full(len(word_rows), -1)
+    tid = meta["trajectory_id"].astype(str).to_numpy()
+    frac = meta["frac"].to_numpy(dtype=float)
+    ctl_by_t: dict[str, list[int]] = {}
+    for r in control_rows:
+        ctl_by_t.setdefault(tid[r], []).append(r)
+    pos_of = {r: i for i, r in enumerate(word_rows)}
+    by_t: dict[str, list[int]] = {}
+    for r in word_rows:
+        by_t.setdefault(tid[r], []).append(r)
+    for t, rows in by_t.items():
+        cands = np.array(ctl_by_t.get(t, []), dtype=int)
+        if len(cands) == 0:
+            continue
+        used = np.zeros(len(cands), dtype=bool)
+        for r in rows:
+            dist = np.abs(frac[cands] - frac[r])
+            if (~used).any():
+                dist = np.where(used, np.inf, dist)
+            j = int(np.argmin(dist))
+            used[j] = True
+            out[pos_of[r]] = cands[j]
+    return out
+
+
+# -- the result -------------------------------------------------------------------------------
+@dataclass
+class ProbeResult:
+    """Per-layer probe results for one model.
+
+    table: one row per (word, layer) with `CSV_COLUMNS`; margins: each probe's margin over
+    its controls with paired-bootstrap CIs (`MARGIN_COLUMNS`); oof: out-of-fold predictions
+    (one row per position and layer); directions: word -> [layer, d] probe weights in raw
+    feature units (coef / scale, fitted on all rows), intercepts likewise; fold_coef /
+    fold_intercept: word -> per-fold raw weights [fold, layer, d] for transfer; folds:
+    word -> problem -> outer fold.
+    """
+
+    model: str
+    layers: list[int]
+    table: pd.DataFrame
+    margins: pd.DataFrame
+    oof: pd.DataFrame
+    directions: dict[str, np.ndarray]
+    intercepts: dict[str, np.ndarray]
+    fold_coef: dict[str, np.ndarray] = field(default_factory=dict)
+    fold_intercept: dict[str, np.ndarray] = field(default_factory=dict)
+    folds: dict[str, dict] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def to_csv(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.table[CSV_COLUMNS].to_csv(path, index=False)
+        return path
+
+    def best_layer(self, word: str | None = None) -> int:
+        t = self.table if word is None else self.table[self.table["word"] == word]
+        return int(t.loc[t["auroc"].idxmax(), "layer"])
+
+
+def _word_label(w) -> str:
+    wl = _words_list(w)
+    return "all" if wl is None else "+".join(wl)
+
+
+def fit_layer_probes(
+    store, metadata: pd.DataFrame | None = None, *,
+    words: str | Sequence[str] = "wait",
+    layers: Sequence[int] | None = None,
+    model: str | None = None,
+    allow_mixed: bool = False,
+    n_folds: int = 5,
+    n_inner: int = 3,
+    Cs: Sequence[float] = DEFAULT_CS,
+    controls: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threads: int | None = None,
+    dtype=torch.float64,
+    tol: float = 1e-7,
+) -> ProbeResult:
+    """Cross-validated linear probes for eventual correctness at every layer.
+
+    store: a store directory, an `hooks.store.ActivationStore`, or plain states
+    [n, layer, d] with `metadata` (a DataFrame with the store's metadata columns).
+    words: one word, several (each probed on its own), or "all" (all lexicon words pooled);
+    e.g. ``["wait", "so", "all"]``. Controls (random positions, shuffled labels, position
+    baseline) are fitted with the same folds when `controls` is true.
+    """
+    word_groups = [words] if isinstance(words, str) else list(words)
+    union = None if any(_words_list(w) is None for w in word_groups) else sorted(
+        {x for w in word_groups for x in _words_list(w)})
+    data = load_probe_data(store, metadata, words=union if union is not None else "all", layers=layers,
+                           model=model, allow_mixed=allow_mixed, include_controls=controls)
+    tables, margins, oofs = [], [], []
+    res = ProbeResult(data.model, data.layers, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {}, {})
+    with _torch_threads(threads):
+        for w in word_groups:
+            t, m, o = _probe_word(data, w, res, n_folds=n_folds, n_inner=n_inner, Cs=Cs,
+                                  controls=controls, n_boot=n_boot, seed=seed, dtype=dtype, tol=tol)
+            tables.append(t)
+            margins.append(m)
+            oofs.append(o)
+    res.table = pd.concat(tables, ignore_index=True)[CSV_COLUMNS]
+    res.margins = pd.concat(margins, ignore_index=True)[MARGIN_COLUMNS]
+    res.oof = pd.concat(oofs, ignore_index=True)
+    return res
+
+
+def _position_features(meta: pd.DataFrame) -> np.ndarray:
+    missing = [c for c in POSITION_FEATURES if c not in meta.columns]
+    if missing:
+        raise ValueError(f"metadata lacks column(s) {missing} needed by the position baseline")
+    return meta[list(POSITION_FEATURES)].to_numpy(dtype=np.float32)[:, None, :]
+
+
+def _labels(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    c = meta["correct"]
+    ok = c.notna().to_numpy()
+    y = np.zeros(len(c), dtype=int)
+    y[ok] = c[ok].astype(bool).to_numpy().astype(int)
+    return y, ok
+
+
+def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, controls, n_boot,
+                seed, dtype, tol):
+    meta = data.metadata
+    wl = _words_list(w)
+    word = _word_label(w)
+    wcol = meta["word"].astype(str).str.lower()
+    is_word = (wcol != CONTROL) if wl is None else wcol.isin(wl)
+    y_all, graded = _labels(meta)
+    if (is_word & ~graded).any():
+        warnings.warn(f"{int((is_word & ~graded).sum())} '{word}' positions have no correctness "
+                      "label and are left out", stacklevel=3)
+    rows = np.flatnonzero(is_word.to_numpy() & graded)
+    if len(rows) == 0:
+        raise ValueError(f"no graded positions of word {word!r}; the metadata holds words "
+                         f"{sorted(set(wcol) - {CONTROL})}")
+    wm = meta.iloc[rows].reset_index(drop=True)
+    y = y_all[rows]
+    groups = wm["problem_id"].astype(str).to_numpy()
+    check_labels(y, groups, n_folds, what=f"'{word}' positions")
+    folds = make_folds(y, groups, n_folds, n_inner, seed)
+    labels = [y]
+    if controls:
+        labels.append(shuffle_labels(y, wm["trajectory_id"].to_numpy(), seed))
+    fit = cross_validate(data.states[rows], labels, folds, Cs=Cs, dtype=dtype, tol=tol)
+    L = len(data.layers)
+    res.directions[word] = fit.coef[n_folds, 0]
+    res.intercepts[word] = fit.intercept[n_folds, 0]
+    res.fold_coef[word] = fit.coef[:n_folds, 0]
+    res.fold_intercept[word] = fit.intercept[:n_folds, 0]
+    res.folds[word] = dict(zip(groups, folds.outer, strict=True))
+    res.info.setdefault("solver", {})[word] = fit.info
+
+    ctl_fit = base_fit = None
+    ctl_rows = np.array([], dtype=int)
+    if controls:
+        cands = np.flatnonzero((wcol == CONTROL).to_numpy() & graded)
+        matched = match_controls(meta, rows, cands)
+        ctl_rows = matched[matched >= 0]
+        if len(ctl_rows) == 0:
+            warnings.warn(f"no control positions (word '{CONTROL}') in the store for the '{word}' "
+                          "trajectories; capture with --controls for the random-position control",
+                          stacklevel=3)
+        else:
+            cm = meta.iloc[ctl_rows]
+            cf = folds.apply(cm["problem_id"].astype(str).to_numpy())
+            try:
+                ctl_fit = cross_validate(data.states[ctl_rows], [y_all[ctl_rows]], cf, Cs=Cs,
+                                         dtype=dtype, tol=tol)
+            except ValueError as e:
+                warnings.warn(f"random-position control not fitted: {e}", stacklevel=3)
+        base_fit = cross_validate(_position_features(wm), [y], folds, Cs=Cs, dtype=dtype, tol=tol)
+
+    # metrics
+    trows, mrows = [], []
+    base_auc = np.nan
+    if base_fit is not None:
+        base_auc = auroc(y, base_fit.oof[0, :, 0])
+    for li, layer in enumerate(data.layers):
+        p = fit.oof[0, :, li]
+        a, lo, hi = auroc_ci(y, p, groups, n_boot=n_boot, seed=seed)
+        row = {"model": data.model, "word": word, "layer": layer, "auroc": a, "auroc_lo": lo,
+               "auroc_hi": hi, "accuracy": float(np.mean((p >= 0.5) == y)),
+               "ece": expected_calibration_error(y, p), "control_random_auroc": np.nan,
+               "control_shuffled_auroc": np.nan, "baseline_auroc": base_auc}
+        mrow = {"model": data.model, "word": word, "layer": layer, "C": fit.C[n_folds, li],
+                "n_positions": len(y), "n_problems": len(np.unique(groups))}
+        for k in MARGIN_COLUMNS[6:]:
+            mrow[k] = np.nan
+        if controls:
+            ps = fit.oof[1, :, li]
+            row["control_shuffled_auroc"] = auroc(labels[1], ps)
+            mrow["selectivity"], mrow["selectivity_lo"], mrow["selectivity_hi"] = paired_auroc_difference(
+                y, p, groups, labels[1], ps, groups, n_boot=n_boot, seed=seed)
+            if ctl_fit is not None:
+                pc = ctl_fit.oof[0, :, li]
+                yc = y_all[ctl_rows]
+                gc = meta["problem_id"].astype(str).to_numpy()[ctl_rows]
+                row["control_random_auroc"] = auroc(yc, pc)
+                (mrow["margin_random"], mrow["margin_random_lo"],
+                 mrow["margin_random_hi"]) = paired_auroc_difference(y, p, groups, yc, pc, gc,
+                                                                     n_boot=n_boot, seed=seed)
+            pb = base_fit.oof[0, :, 0]
+            (mrow["margin_baseline"], mrow["margin_baseline_lo"],
+             mrow["margin_baseline_hi"]) = paired_auroc_difference(y, p, groups, y, pb, groups,
+                                                                   n_boot=n_boot, seed=seed)
+        trows.append(row)
+        mrows.append(mrow)
+
+    oof = pd.DataFrame({
+        "word": word, "layer": np.repeat(data.layers, len(y)),
+        "trajectory_id": np.tile(wm["trajectory_id"].astype(str).to_numpy(), L),
+        "problem_id": np.tile(groups, L),
+        "token_index": np.tile(wm["token_index"].to_numpy() if "token_index" in wm else np.full(len(y), -1), L),
+        "fold": np.tile(folds.outer, L), "correct": np.tile(y, L),
+        "prob": einops.rearrange(fit.oof[0], "n l -> (l n)"),
+    })
+    return pd.DataFrame(trows), pd.DataFrame(mrows), oof
+
+
+# -- a single probe, scikit-learn style -------------------------------------------------------
+class LinearProbe:
+    """Standardized features + L2 logistic regression, C chosen by inner CV (grouped when
+    `groups` is given to `fit`). `fit(X [n, d], y, groups=None)`, `predict_proba`, `predict`,
+    `score` (accuracy, as scikit-learn classifiers do; use `auroc` for ranking quality)."""
+
+    def __init__(self, Cs: Sequence[float] = DEFAULT_CS, n_inner: int = 3, seed: int = 0,
+                 tol: float = 1e-7):
+        self.Cs = Cs
+        self.n_inner = n_inner
+        self.seed = seed
+        self.tol = tol
+
+    def fit(self, X, y, groups=None):
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y).astype(int)
+        groups = np.arange(len(y)).astype(str) if groups is None else np.asarray(groups).astype(str)
+        check_labels(y, groups, self.n_inner, what="rows")
+        inner = np.full((1, len(y)), -1)
+        for j, (_, te) in enumerate(StratifiedGroupKFold(self.n_inner, shuffle=True, random_state=self.seed)
+                                    .split(np.zeros(len(y)), y, groups)):
+            inner[0, te] = j
+        folds = Folds(np.full(len(y), -1), inner, 0, self.n_inner, groups)
+        fit = cross_validate(X[:, None, :], [y], folds, Cs=self.Cs, tol=self.tol)
+        self.coef_ = fit.coef[-1, 0, 0]
+        self.intercept_ = float(fit.intercept[-1, 0, 0])
+        self.C_ = float(fit.C[-1, 0])
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def decision_function(self, X):
+        return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
+
+    def predict_proba(self, X):
+        p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        return np.c_[1 - p, p]
+
+    def predict(self, X):
+        return (self.decision_function(X) >= 0).astype(int)
+
+    def score(self, X, y):
+        return float(np.mean(self.predict(X) == np.asarray(y).astype(int)))
