@@ -40,6 +40,7 @@ from hooks.store import (
     merge_metadata,
     now,
     shard_fingerprint,
+    shard_name,
     versions,
     write_csv,
     write_json,
@@ -101,7 +102,7 @@ def capture_residuals(
         "layers": layer_list, "d_model": model.d_model, "dtype": storage_dtype,
         "lexicon": list(pos.lexicon), "prompt_format": model.format.to_dict(),
         "n_positions": len(table), "shard_size": shard_size,
-        "shards": [{"file": f"shard-{s.index:05d}.safetensors", "n": len(s.table), "fingerprint": s.fingerprint}
+        "shards": [{"file": f"{shard_name(s.index)}.safetensors", "n": len(s.table), "fingerprint": s.fingerprint}
                    for s in shards],
         "complete": False, "versions": versions(), "created": now(),
     }
@@ -116,9 +117,9 @@ def capture_residuals(
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MANIFEST, manifest)
-    todo = [s for s in shards if shard_fingerprint(out / f"shard-{s.index:05d}.safetensors") != s.fingerprint]
-    done = sum(len(s.trajectory_ids) for s in shards if s not in todo)
-    bar = _progress(progress, total=sum(len(s.trajectory_ids) for s in shards), initial=done)
+    todo = [s for s in shards if shard_fingerprint(out / f"{shard_name(s.index)}.safetensors") != s.fingerprint]
+    total = sum(len(s.trajectory_ids) for s in shards)
+    bar = _progress(progress, total=total, initial=total - sum(len(s.trajectory_ids) for s in todo))
     try:
         for shard in todo:
             states = _capture_shard(model, shard, ids_by_traj, layer_list, kind, batch_size, bar)

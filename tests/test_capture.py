@@ -49,25 +49,30 @@ def positions(tiny_model, trajs):
     return pos
 
 
-def reference(model, ids, kind):
-    """Every block's input or output residual over the whole sequence, plain PyTorch hooks."""
-    got = {}
-    handles = []
+_REFERENCE: dict = {}
+
+
+def reference(model, traj):
+    """Every block's input and output residual over the whole sequence (plain PyTorch hooks on
+    one full forward), and HF's output_hidden_states; cached per model and trajectory."""
+    key = (model.spec, traj.id, traj.reasoning)
+    if key in _REFERENCE:
+        return _REFERENCE[key]
+    pre, post, handles = {}, {}, []
     for layer, block in enumerate(model.blocks):
-        if kind == "resid_pre":
-            handles.append(block.register_forward_pre_hook(
-                lambda m, a, kw, layer=layer: got.__setitem__(layer, (a[0] if a else kw["hidden_states"]).clone()),
-                with_kwargs=True))
-        else:
-            handles.append(block.register_forward_hook(
-                lambda m, a, o, layer=layer: got.__setitem__(layer, (o[0] if isinstance(o, tuple) else o).clone())))
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: pre.__setitem__(layer, (a[0] if a else kw["hidden_states"]).clone()),
+            with_kwargs=True))
+        handles.append(block.register_forward_hook(
+            lambda m, a, o, layer=layer: post.__setitem__(layer, (o[0] if isinstance(o, tuple) else o).clone())))
     try:
         with torch.inference_mode():
-            hs = model.hf(ids[None], output_hidden_states=True).hidden_states
+            hs = model.hf(model.tokenize(traj)[None], output_hidden_states=True).hidden_states
     finally:
         for h in handles:
             h.remove()
-    return got, hs
+    _REFERENCE[key] = {"resid_pre": pre, "resid_post": post}, hs
+    return _REFERENCE[key]
 
 
 def check_against_full_forward(model, trajs, store, kind):
@@ -78,7 +83,8 @@ def check_against_full_forward(model, trajs, store, kind):
         if not len(rows):
             continue
         idx = torch.as_tensor(meta["token_index"].to_numpy()[rows].copy())
-        got, hs = reference(model, model.tokenize(t), kind)
+        by_kind, hs = reference(model, t)
+        got = by_kind[kind]
         for j, layer in enumerate(store.layers):
             # The plain block hooks agree with HF's output_hidden_states: hidden_states[l] is
             # the input of block l; the last entry is after the final norm, so the last
