@@ -78,10 +78,9 @@ def test_grade_modes():
 # -- lexicon ----------------------------------------------------------------------------------
 def test_lexicon_whole_words_any_case_and_phrases():
     lex = Lexicon(["wait", "so", "let me check", "check"])
-    text = "Wait, so... awaits also WAIT; let  me\ncheck. checked So-so"
+    text = "Wait, so... awaits also WAIT; let  me\ncheck. checked So-so so-called -so"
     got = [(m.word, m.surface) for m in lex.finditer(text)]
-    assert got == [("wait", "Wait"), ("so", "so"), ("wait", "WAIT"), ("let me check", "let  me\ncheck"),
-                   ("so", "So"), ("so", "so")]
+    assert got == [("wait", "Wait"), ("so", "so"), ("wait", "WAIT"), ("let me check", "let  me\ncheck")]
     with pytest.raises(ValueError, match="empty"):
         Lexicon([])
     assert Lexicon.parse("Wait, so").words == ("wait", "so")

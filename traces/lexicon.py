@@ -1,7 +1,7 @@
 """The discourse lexicon: which words count as discourse tokens, and how they are matched.
 
 Matching is on the reasoning *text*, case-insensitive, on whole words (so "awaits" is no
-"wait" and "also" no "so"), with punctuation allowed around them ("Wait," "so."). A lexicon
+"wait", "also" no "so", and "so-called" no "so"), with punctuation allowed around them ("Wait," "so."). A lexicon
 entry may be a phrase ("let me check"); its words may be separated by any whitespace.
 Every surface variant of a word ("Wait", " wait", "WAIT,") counts under the lower-case entry.
 """
@@ -42,7 +42,8 @@ class Lexicon:
         # Longest entries first, so "let me check" wins over "check" at the same place.
         alts = sorted(self.words, key=len, reverse=True)
         body = "|".join(r"\s+".join(re.escape(p) for p in w.split()) for w in alts)
-        self._regex = re.compile(rf"(?<![\w])({body})(?![\w])", re.IGNORECASE)
+        # A hyphen binds like a letter: "so-called" and "so-so" are not the discourse "so".
+        self._regex = re.compile(rf"(?<![\w-])({body})(?![\w-])", re.IGNORECASE)
 
     @classmethod
     def parse(cls, spec: str | Iterable[str] | Lexicon | None) -> Lexicon:
