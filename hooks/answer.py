@@ -2,13 +2,14 @@
 answer-forcing suffix and read the probability of the gold answer and of the answer the
 model would give now.
 
-**One pass plus one short branch per prefix.** The trajectory is run once with a KV cache.
-Every prefix then becomes a *branch* ``[x_{p-1}] + forcing suffix + gold answer`` (teacher
-forced) placed at rope positions ``p-1, p, ...``; all branches run together in a single
-forward over the shared cache, with a custom 4-D attention mask in which each branch sees
-the cache columns ``[0, p-1)`` and its own earlier tokens only. The last prefix token is
-re-fed as the branch's first token so that its logits (which predict the suffix) come out of
-the branch pass, and the cache pass can skip the LM head. Greedy decoding of the model's
+**One pass plus one short branch per prefix.** The trajectory is run once with a KV cache
+(no LM head). Every prefix p then becomes a *branch* ``forcing suffix + gold answer[:-1]``
+(teacher forced) placed at rope positions ``p, p+1, ...``; all branches run together in a
+single forward over the shared cache, with a custom 4-D attention mask in which each branch
+sees the cache columns ``[0, p)`` and its own earlier tokens only. (When the forcing suffix
+has no token of its own — it merges into the answer's first token — the prefix's last token
+is re-fed as the branch's first token, seeing ``[0, p-1)``, so that its logits come out of
+the branch pass.) Greedy decoding of the model's
 own answer adds one such batched step per extra answer token. `method="naive"` re-runs
 every prefix from scratch instead; tests check both agree within 1e-4.
 
@@ -160,35 +161,39 @@ def _branching(model, ids: list[int], prefixes: Sequence[int], st: SuffixTokens,
 
     hf = model.hf
     dev = model.device
-    base_len = max(prefixes) - 1
+    scored = st.answer + (st.close if include_close else [])
+    f = len(st.forcing)
+    # Rows that predict the scored tokens come from the forcing tokens; only when there are none
+    # is the prefix's last token re-fed (r = 1) so that its logits come out of the branch pass.
+    r = 0 if f else 1
+    base_len = max(prefixes) - r
     cache = DynamicCache(config=hf.config)
     if base_len > 0:
         hf(input_ids=torch.tensor([ids[:base_len]], device=dev), past_key_values=cache,
            use_cache=True, logits_to_keep=1)
-    scored = st.answer + (st.close if include_close else [])
-    f = len(st.forcing)
     tokens, positions, visible, starts = [], [], [], []
     n = base_len
     for p in prefixes:
-        branch = [ids[p - 1]] + st.forcing + scored
+        branch = ids[p - r:p] + st.forcing + scored[:-1]
         start = n + len(tokens)
         starts.append(start)
         for i, t in enumerate(branch):
             tokens.append(t)
-            positions.append(p - 1 + i)
-            visible.append(np.concatenate([np.arange(p - 1), np.arange(start, start + i + 1)]))
+            positions.append(p - r + i)
+            visible.append(np.concatenate([np.arange(p - r), np.arange(start, start + i + 1)]))
     lp = _branch_step(hf, cache, n, tokens, positions, visible)
     n += len(tokens)
-    width = 1 + f + len(scored)
+    width = r + f + len(scored) - 1
+    first = r + f - 1  # the row predicting the first answer token
     gold = np.zeros(len(prefixes))
     greedy: list[list[tuple[int, float]]] = [[] for _ in prefixes]
     for j in range(len(prefixes)):
         rows = lp[j * width: (j + 1) * width]
-        gold[j] = float(sum(rows[f + i, t] for i, t in enumerate(scored)))
-        g = int(rows[f].argmax())
-        greedy[j].append((g, float(rows[f, g])))
+        gold[j] = float(sum(rows[first + i, t] for i, t in enumerate(scored)))
+        g = int(rows[first].argmax())
+        greedy[j].append((g, float(rows[first, g])))
     # further greedy steps: each active branch feeds its last greedy token
-    own = [np.concatenate([np.arange(p - 1), np.arange(s, s + 1 + f)]) for p, s in zip(prefixes, starts, strict=True)]
+    own = [np.concatenate([np.arange(p - r), np.arange(s, s + r + f)]) for p, s in zip(prefixes, starts, strict=True)]
     fed: list[list[int]] = [[] for _ in prefixes]
     for step in range(1, max_answer_tokens):
         active = [j for j in range(len(prefixes)) if greedy[j][-1][0] not in st.stop and len(greedy[j]) == step]

@@ -41,6 +41,9 @@ def test_branching_equals_recompute_tiny(tiny_model):
 def test_branching_multi_token_answer_and_close(tiny_model):
     traj = tiny_trajectory(reasoning="3 + 4 = 7 wait 7 - 2 = 5 so 5")
     _agree(tiny_model, traj, [9, 12, 15], answer="7 5 5", include_close=True, max_answer_tokens=4)
+    # a suffix with no token of its own (whitespace only): the prefix's last token is re-fed
+    assert suffix_tokens(tiny_model, "5", " ").forcing == []
+    _agree(tiny_model, traj, [9, 12, 15], suffix=" ", max_answer_tokens=2)
 
 
 def test_suffix_tokens_match_rendering(tiny_model):
@@ -62,7 +65,7 @@ def test_branching_equals_recompute_smollm2(smollm2):
     t0, t1 = rd.reasoning_tokens
     assert 150 <= t1 - t0 <= 260
     prefixes = list(np.linspace(t0 + 1, t1, 8).astype(int))
-    a = _agree(smollm2, traj, prefixes, max_answer_tokens=3)
+    a = _agree(smollm2, traj, prefixes, max_answer_tokens=2)
     assert (a["gold_prob"] <= 1).all()
     # the suffix+answer tokenized alone equals the rendering here (no merge across the boundary)
     full = smollm2.render(traj)

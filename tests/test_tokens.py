@@ -96,3 +96,25 @@ def test_wait_distribution_and_summary(tiny_model):
     assert s["waits_per_traj_incorrect"]["value"] == 0.0
     assert s["accuracy_by_count"]["0"]["value"] == 0.0
 
+
+
+def test_cli_tokens_and_answers(tiny_qwen_dir, tmp_path):
+    from experiments.cli import main
+    from traces import save_trajectories
+
+    trajs = [tiny_trajectory(i, correct=i % 2 == 0, reasoning=None if i % 3 else "3 + 4 = 7 ; 7 - 2 = 5 so 5")
+             for i in range(8)]
+    f = save_trajectories(trajs, tmp_path / "t.jsonl")
+    out = tmp_path / "out"
+    assert main(["tokens", "--model", str(tiny_qwen_dir), "--trajectories", str(f), "--out", str(out),
+                 "--n-boot", "20", "--min-count", "2"]) == 0
+    for name in ("token_table.csv", "token_table.md", "wait_distribution.csv", "token_top.png", "wait_position.png"):
+        assert (out / name).is_file(), name
+    assert "nan" not in (out / "token_table.md").read_text().lower()
+    assert main(["answers", "--model", str(tiny_qwen_dir), "--trajectories", str(f), "--out", str(out),
+                 "--n-boot", "20", "-k", "2", "--every", "3"]) == 0
+    for name in ("answer_curves.csv", "transitions.csv", "alignment.json", "alignment.png"):
+        assert (out / name).is_file(), name
+    # a format without a forcing suffix: a clear CLI error, exit code 2
+    assert main(["answers", "--model", str(tiny_qwen_dir), "--trajectories", str(f), "--out", str(out),
+                 "--format", "plain", "--suffix", ""]) == 2

@@ -4,7 +4,7 @@ Prints, side by side, the cost of the KV-cache branching method (`hooks.answer_p
 the default) and of naive recompute (every prefix re-run from scratch), each as a ratio to one
 plain forward pass over the trajectory. Median of interleaved repeats. Goal: branching ≤ 1.5×.
 
-    .venv/bin/python -m experiments.benchmarks.answers [--tokens 2048] [--prefixes 64] [--repeats 5]
+    .venv/bin/python -m experiments.benchmarks.answers [--tokens 2048] [--prefixes 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--prefixes", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--naive-repeats", type=int, default=1,
+                    help="rounds that also time naive recompute (it costs ~30x a forward; default 1)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -80,18 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         answer_probabilities(model, traj, prefixes, method="naive")
 
     fns = {"forward": forward, "branch": branch, "naive": naive}
-    for fn in fns.values():  # warm-up
-        fn()
+    forward()  # warm-up (naive runs the same forward)
+    branch()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for name, fn in fns.items():
+            if name == "naive" and r >= args.naive_repeats:
+                continue
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"toy Qwen2: {args.layers} layers, d_model {args.d_model}; trajectory {rd.n_tokens} tokens; "
           f"{len(prefixes)} prefixes; answer '7' (1 token); torch threads {torch.get_num_threads()}; "
-          f"median of {args.repeats} interleaved repeats")
+          f"median of {args.repeats} interleaved repeats (naive: {min(args.naive_repeats, args.repeats)})")
     print(f"{'method':<10}{'seconds':>10}{'x one forward':>16}")
     print(f"{'forward':<10}{med['forward']:>10.3f}{1.0:>16.2f}")
     for k in ("branch", "naive"):
