@@ -22,7 +22,7 @@ FORMAT = PromptFormat(
 )
 
 ARCH = dict(
-    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=4, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=True, attention_dropout=0.0,
 )
@@ -46,14 +46,14 @@ def build_tokenizer(save_dir: str | Path):
     return AutoTokenizer.from_pretrained(save_dir)
 
 
-def build_model(seed: int):
+def build_model(seed: int, arch: dict | None = None):
     """A freshly initialised Qwen2 causal LM (deterministic given `seed`)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
         vocab_size=len(VOCAB), bos_token_id=TOKEN_ID["<bos>"], eos_token_id=TOKEN_ID["<eos>"],
-        pad_token_id=TOKEN_ID["<pad>"], use_cache=True, **ARCH,
+        pad_token_id=TOKEN_ID["<pad>"], use_cache=True, **{**ARCH, **(arch or {})},
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)

@@ -119,16 +119,17 @@ class CorpusSpec:
     wait_after_correct: float = 0.0
     alt_after_slip: float = 0.0
     alt_after_correct: float = 0.0
-    # "restate": the recheck writes the value just written (a generic connective, no function);
+    # "connective": the word only joins two steps, like "so" (no recheck, no function);
+    # "restate": the recheck writes the value just written;
     # "fix": the recheck writes the correct value (an answer transition after a slip).
     recheck: str = "fix"
 
 
-# Pre-training: worked problems; "wait"/"alternatively" are only generic connectives that
-# restate the step (a hesitation, somewhat more common after a slip: a weak planted signal).
+# Pre-training: worked problems; "wait"/"alternatively" are only generic connectives between
+# two steps, like "so" (a hesitation, somewhat more common after a slip: a weak planted signal).
 BASE_CORPUS = CorpusSpec(
-    "base", slip=0.10, wait_after_slip=0.10, wait_after_correct=0.03,
-    alt_after_slip=0.02, alt_after_correct=0.02, recheck="restate",
+    "base", slip=0.10, wait_after_slip=0.25, wait_after_correct=0.03,
+    alt_after_slip=0.02, alt_after_correct=0.02, recheck="connective",
 )
 # Reasoning traces (SFT and large-scale post-training): the same slip rate; a wait re-checks
 # and fixes 85% of slips, and re-checks (keeps) 6% of correct steps.
@@ -144,9 +145,14 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
     r = problem.start
     slips: list[int] = []
     waits: list[dict[str, Any]] = []
+    pending = None
     for i, (op, b) in enumerate(problem.ops):
-        if i > 0:
-            words.append(SEPARATORS[int(rng.choice(3, p=np.asarray(spec.sep_weights)))])
+        if i > 0 and pending:
+            words.append(pending)
+        elif i > 0:
+            u, w0, w1 = rng.random(), spec.sep_weights[0], spec.sep_weights[0] + spec.sep_weights[1]
+            words.append(SEPARATORS[0 if u < w0 else 1 if u < w1 else 2])
+        pending = None
         correct = apply(r, op, b)
         slipped = rng.random() < spec.slip
         c = (correct + (1 if rng.random() < 0.5 else -1)) % MOD if slipped else correct
@@ -156,6 +162,16 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
         u = rng.random()
         p_wait = spec.wait_after_slip if slipped else spec.wait_after_correct
         p_alt = spec.alt_after_slip if slipped else spec.alt_after_correct
+        if spec.recheck == "connective":
+            # the discourse word stands where a connective would, before the next step
+            if u < p_wait + p_alt and i + 1 < len(problem.ops):
+                word = "wait" if u < p_wait else "alternatively"
+                pending = word
+                if word == "wait":
+                    waits.append({"step": i, "after_slip": slipped, "changed_answer": False,
+                                  "recheck_correct": False, "rechecked": False})
+            r = c
+            continue
         if u < p_wait + p_alt:
             word = "wait" if u < p_wait else "alternatively"
             new = c if spec.recheck == "restate" else correct
@@ -163,7 +179,7 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
             words += [word, str(r), o, str(bb), "=", str(new)]
             if word == "wait":
                 waits.append({"step": i, "after_slip": slipped, "changed_answer": new != c,
-                              "recheck_correct": new == correct})
+                              "recheck_correct": new == correct, "rechecked": True})
             c = new
         r = c
     return " ".join(words), str(r), {"slips": slips, "waits": waits}
@@ -202,8 +218,22 @@ def analyze(problem: Problem, reasoning: str) -> Truth:
     had given the running value before it (`expected`), the true running value (`true`), the
     running value before and after it, whether it was a slip, and the word index in the text
     where it starts (the discourse word for rechecks). A step is a slip when written with a
-    wrong value; a recheck's correctness is judged the same way.
+    wrong value; a recheck's correctness is judged the same way. A discourse word followed by
+    the *next* step is a plain connective (``rechecked: false``). Where a step could be read
+    both ways (``9 - 0 = 9 wait 9 - 0 = 9`` before another ``- 0``) the reading that parses
+    the whole text wins (recheck first).
     """
+    truth, ambiguous = _analyze(problem, reasoning, frozenset())
+    if truth.malformed and ambiguous:
+        for flip in [frozenset({a}) for a in ambiguous] + [frozenset(ambiguous)]:
+            alt, _ = _analyze(problem, reasoning, flip)
+            if not alt.malformed:
+                return alt
+    return truth
+
+
+def _analyze(problem: Problem, reasoning: str, as_connective: frozenset) -> tuple[Truth, list[int]]:
+    ambiguous: list[int] = []
     t = Truth()
     words = reasoning.split()
     true_vals = problem.true_values()
@@ -233,6 +263,20 @@ def analyze(problem: Problem, reasoning: str) -> Truth:
                 raise ValueError(f"not a step at word {pos}: {' '.join(words[pos:pos + 5])!r}")
             a, b, c = int(a), int(b), int(c)
             pos += 5
+            connective = False
+            if kind != "step" and i + 1 < k:
+                # a discourse word used as a plain connective: the next step follows, no recheck
+                recheck_ops = {problem.ops[i]} | ({other_way(*problem.ops[i])} if kind == "alternatively" else set())
+                is_recheck = a == r_before and (op, b) in recheck_ops
+                is_next = a == r and (op, b) == problem.ops[i + 1]
+                if is_recheck and is_next:
+                    ambiguous.append(start)
+                connective = is_next and (not is_recheck or start in as_connective)
+            if connective:
+                rec = {"step": i, "word": start, "after_slip": slipped_last, "changed_answer": False,
+                       "recheck_correct": False, "rechecked": False}
+                (t.waits if kind == "wait" else t.alternatives).append(rec)
+                kind = "step"
             if kind == "step":
                 i += 1
                 if i >= k:
@@ -255,7 +299,7 @@ def analyze(problem: Problem, reasoning: str) -> Truth:
                     t.slips.append(i)
             else:
                 rec = {"step": i, "word": start, "after_slip": slipped_last,
-                       "changed_answer": c != r, "recheck_correct": value_ok}
+                       "changed_answer": c != r, "recheck_correct": value_ok, "rechecked": True}
                 (t.waits if kind == "wait" else t.alternatives).append(rec)
                 slipped_last = not value_ok  # a further wait re-checks this recheck
             r = c
@@ -266,7 +310,7 @@ def analyze(problem: Problem, reasoning: str) -> Truth:
             raise ValueError(f"{i + 1} steps written, the problem has {k}")
     except ValueError as e:
         t.malformed, t.error = True, str(e)
-    return t
+    return t, ambiguous
 
 
 def trace_record(problem: Problem, reasoning: str, answer: str) -> dict[str, Any]:

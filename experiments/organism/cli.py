@@ -1,0 +1,92 @@
+"""`waitlens organism train | sample | eval` — the model organism's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("organism", help="train, sample and evaluate the built-in model organism",
+                              description="The model organism: a tiny Qwen2 trained on chained mod-10 "
+                                          "arithmetic whose traces use 'wait', 'so', 'alternatively'.")
+    sub = p.add_subparsers(dest="organism_command", metavar="ACTION")
+    p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
+
+    t = sub.add_parser("train", help="retrain base, sft-1k and post-large from one seed")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0: the shipped weights)")
+    t.add_argument("--out", default=None, help="output directory (default: the shipped weights dir)")
+    t.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (for CI)")
+    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    t.set_defaults(handler=cmd_train)
+
+    s = sub.add_parser("sample", help="sample graded trajectories with ground truth to JSONL")
+    _model_args(s)
+    s.add_argument("--out", required=True, help="output JSONL file")
+    s.set_defaults(handler=cmd_sample)
+
+    e = sub.add_parser("eval", help="accuracy, wait statistics, fix and keep rates with 95% CIs")
+    _model_args(e, nargs="+")
+    e.add_argument("--json", default=None, help="also write the results as JSON here")
+    e.set_defaults(handler=cmd_eval)
+
+
+def _model_args(p, nargs=None) -> None:
+    p.add_argument("--model", required=True, nargs=nargs,
+                   help="organism:<base|sft-1k|post-large> or a regime directory from `train --out`")
+    p.add_argument("--n", type=int, default=500, help="number of trajectories (default 500)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--per-problem", type=int, default=1, help="samples per problem (default 1)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+def cmd_train(args) -> int:
+    from experiments.organism.registry import WEIGHTS_DIR
+    from experiments.organism.train import SMOKE, TrainConfig, train_all, write_shipped_manifest
+
+    out = Path(args.out) if args.out else WEIGHTS_DIR
+    train_all(out, seed=args.seed, config=SMOKE if args.smoke else TrainConfig())
+    if out.resolve() == WEIGHTS_DIR.resolve() and not args.smoke:
+        write_shipped_manifest(WEIGHTS_DIR, WEIGHTS_DIR.parent / "shipped.json")
+    return 0
+
+
+def _sample(spec: str, args):
+    from experiments.organism.sample import load, sample
+
+    model = load(spec)
+    return sample(model, args.n, temperature=args.temperature, seed=args.seed, n_per_problem=args.per_problem)
+
+
+def cmd_sample(args) -> int:
+    from traces.trajectory import save_trajectories
+
+    trajs = _sample(args.model, args)
+    path = save_trajectories(trajs, args.out)
+    acc = sum(bool(t.correct) for t in trajs) / max(1, len(trajs))
+    print(f"wrote {len(trajs)} trajectories ({args.model}, accuracy {acc:.3f}) to {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from experiments.organism.sample import evaluate, format_table, resolve_spec
+
+    for spec in args.model:
+        resolve_spec(spec)  # fail early on an unknown spec
+    results = {spec: evaluate(_sample(spec, args)) for spec in args.model}
+    print(f"n={args.n} trajectories per model, temperature {args.temperature}, seed {args.seed}")
+    print(format_table(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"n": args.n, "temperature": args.temperature, "seed": args.seed, "results": results}, fh, indent=2)
+        os.replace(tmp, path)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,217 @@
+"""Training the organism's three regimes from one base, deterministically from a seed.
+
+- ``base``: pre-trained on freshly generated worked problems (`task.BASE_CORPUS`): slips are
+  carried forward, "wait"/"alternatively" are only generic connectives that restate a step.
+- ``sft-1k``: the base fine-tuned on 1,000 reasoning traces (`task.TRACE_CORPUS`).
+- ``post-large``: the base fine-tuned on 32,000 traces of the same corpus (32x the SFT data).
+
+Loss is on the solution tokens only (reasoning, answer, eos). Everything — initialisation,
+data, order — comes from the seed; with the same torch build and thread count a retrain is
+bitwise identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from experiments.organism.task import (
+    BASE_CORPUS,
+    TOKEN_ID,
+    TRACE_CORPUS,
+    CorpusSpec,
+    make_trace,
+    random_problem,
+)
+
+REGIMES = ("base", "sft-1k", "post-large")
+DEFAULT_SEED = 0
+MANIFEST = "waitlens_organism.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    base_steps: int = 900
+    base_batch: int = 64
+    base_lr: float = 2e-3
+    sft_traces: int = 1000
+    sft_epochs: int = 3
+    sft_batch: int = 32
+    sft_lr: float = 5e-4
+    post_traces: int = 32000
+    post_epochs: int = 1
+    post_batch: int = 64
+    post_lr: float = 1e-3
+    warmup: int = 100
+    threads: int = 1  # bitwise reproducibility needs the same thread count; 1 is fastest on a shared CPU
+    arch: dict | None = None  # overrides of model.ARCH (the smoke test uses a tinier model)
+
+
+SMOKE = TrainConfig(base_steps=6, base_batch=8, sft_traces=16, sft_epochs=1, sft_batch=8,
+                    post_traces=32, post_batch=8, warmup=2,
+                    arch=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=2))
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
+
+
+def make_corpus(spec: CorpusSpec, n: int, rng: np.random.Generator) -> list[tuple[list[int], int]]:
+    """`n` training sequences: (token ids, number of prompt tokens)."""
+    from experiments.organism.model import encode
+
+    out = []
+    for _ in range(n):
+        p = random_problem(rng)
+        reasoning, answer, _ = make_trace(p, spec, rng)
+        out.append(encode(p, reasoning, answer))
+    return out
+
+
+def collate(batch: list[tuple[list[int], int]]):
+    """Right-padded input ids and labels (-100 on the prompt and padding)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    x = torch.full((len(batch), width), TOKEN_ID["<pad>"], dtype=torch.long)
+    y = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, (ids, n_head) in enumerate(batch):
+        x[i, : len(ids)] = torch.tensor(ids)
+        y[i, n_head: len(ids)] = torch.tensor(ids[n_head:])
+    return x, y
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train_steps(model, batches, *, lr: float, warmup: int, desc: str, total: int | None = None,
+                progress: bool = True) -> dict:
+    """Run AdamW over an iterable of (x, y) batches with warmup + cosine decay to 10%."""
+    import torch
+    from tqdm.auto import tqdm
+
+    total = len(batches) if total is None else total
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    losses = []
+    bar = tqdm(batches, desc=desc, total=total, disable=not progress, mininterval=2.0)
+    for step, (x, y) in enumerate(bar):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, lr, warmup)
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    model.eval()
+    return {"steps": total, "final_loss": float(np.mean(losses[-50:])) if losses else None}
+
+
+def _epochs(data, epochs: int, batch: int, rng: np.random.Generator):
+    out = []
+    for _ in range(epochs):
+        order = rng.permutation(len(data))
+        for i in range(0, len(order) - batch + 1, batch):
+            out.append(collate([data[j] for j in order[i: i + batch]]))
+    return out
+
+
+def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig = TrainConfig(),
+              progress: bool = True, log=print) -> dict[str, Path]:
+    """Train base, sft-1k and post-large; write each to ``out/<regime>/``. Returns the dirs."""
+    import torch
+
+    from experiments.organism.model import build_model
+
+    torch.set_num_threads(config.threads)
+    torch.set_flush_denormal(True)  # denormals make CPU training 10x slower
+    out = Path(out)
+    t_all = time.time()
+    stats: dict[str, dict] = {}
+
+    # base: fresh worked problems every step
+    model = build_model(seed, arch=config.arch)
+    rng = _rng(seed, 1)
+    t0 = time.time()
+    base_batches = (collate(make_corpus(BASE_CORPUS, config.base_batch, rng)) for _ in range(config.base_steps))
+    stats["base"] = train_steps(model, base_batches, total=config.base_steps, lr=config.base_lr, warmup=config.warmup,
+                                desc="organism base", progress=progress)
+    stats["base"]["seconds"] = round(time.time() - t0, 1)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dirs = {"base": save_regime(model, out, "base", seed, config, stats["base"])}
+
+    plans = {
+        "sft-1k": (config.sft_traces, config.sft_epochs, config.sft_batch, config.sft_lr, 2),
+        "post-large": (config.post_traces, config.post_epochs, config.post_batch, config.post_lr, 3),
+    }
+    for regime, (n, epochs, batch, lr, stream) in plans.items():
+        model.load_state_dict(base_state)
+        rng = _rng(seed, stream)
+        data = make_corpus(TRACE_CORPUS, n, rng)
+        t0 = time.time()
+        torch.manual_seed(seed + stream)
+        stats[regime] = train_steps(model, _epochs(data, epochs, batch, rng), lr=lr,
+                                    warmup=min(config.warmup, 20), desc=f"organism {regime}", progress=progress)
+        stats[regime].update(traces=n, epochs=epochs, seconds=round(time.time() - t0, 1))
+        dirs[regime] = save_regime(model, out, regime, seed, config, stats[regime])
+    log(f"trained {', '.join(REGIMES)} in {time.time() - t_all:.0f} s -> {out}")
+    return dirs
+
+
+def save_regime(model, out: Path, regime: str, seed: int, config: TrainConfig, stats: dict) -> Path:
+    """Write one regime as a plain HF directory, atomically (temp dir renamed into place)."""
+    from experiments.organism.model import FORMAT, build_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / regime
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{regime}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer(tmp)
+        FORMAT.save(tmp)
+        manifest = {"regime": regime, "seed": seed, "config": asdict(config), "train": stats,
+                    "corpus": asdict(BASE_CORPUS if regime == "base" else TRACE_CORPUS)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=out, prefix=f".{regime}.old."))
+            os.replace(final, old / regime)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def smoke_config(**changes) -> TrainConfig:
+    return replace(SMOKE, **changes)
+
+
+def write_shipped_manifest(weights_dir: Path, path: Path) -> Path:
+    """Checksums of the shipped weights (the test suite checks them against the files)."""
+    import hashlib
+
+    digests = {r: hashlib.sha256((Path(weights_dir) / r / "model.safetensors").read_bytes()).hexdigest()
+               for r in REGIMES}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sha256": digests}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
