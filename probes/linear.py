@@ -12,9 +12,12 @@ Each probe is reported beside three controls, fitted with the same folds:
 - random positions: the same probe on states at non-discourse positions of the same
   trajectories, matched for relative position (rows with ``word == "<control>"``);
 - shuffled labels (Hewitt & Liang's selectivity): labels permuted across trajectories —
-  the unit that carries the real label — so the control task has the real label's structure
-  (one label for every position of a trajectory, the same class balance) but no relation to
-  the states. A probe expressive enough to memorize trajectories could fit it on training
+  the unit that carries the real label — within each outer fold, so the control task has the
+  real label's structure (one label for every position of a trajectory, each fold's class
+  balance) but no relation to the states. (Permuting across folds would let fold base rates
+  drift apart, and pooled out-of-fold AUROC of a near-constant probe then falls below 0.5:
+  each fold's intercept follows its training rate, which is anti-correlated with its test
+  rate.) A probe expressive enough to memorize trajectories could fit it on training
   folds; under problem-grouped CV it must score 0.5, and it is fitted with the C chosen for
   the real task (same capacity). Selectivity = AUROC - shuffled AUROC.
 - position baseline: the same logistic regression on [frac, rel_index, n_reasoning_tokens]
@@ -298,14 +301,22 @@ def make_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = 5, n_inner: int
     return Folds(outer, inner, n_folds, n_inner, groups)
 
 
-def shuffle_labels(y: np.ndarray, units: np.ndarray, seed: int = 0) -> np.ndarray:
+def shuffle_labels(y: np.ndarray, units: np.ndarray, seed: int = 0,
+                   strata: np.ndarray | None = None) -> np.ndarray:
     """Labels permuted across `units` (trajectories): every row of a unit gets one label,
-    drawn by permuting the units' labels (the class balance over units is kept)."""
+    drawn by permuting the units' labels, within each stratum when `strata` (one value per
+    row, constant within a unit — e.g. the outer fold) is given, so every stratum keeps its
+    class balance exactly."""
     y = np.asarray(y).astype(int)
-    uniq, inv = np.unique(np.asarray(units).astype(str), return_inverse=True)
+    uniq, first, inv = np.unique(np.asarray(units).astype(str), return_index=True, return_inverse=True)
     unit_label = np.zeros(len(uniq), dtype=int)
     unit_label[inv] = y  # the label of a unit (constant within a trajectory)
-    perm = np.random.default_rng(seed).permutation(unit_label)
+    unit_stratum = np.zeros(len(uniq), dtype=int) if strata is None else np.asarray(strata)[first]
+    rng = np.random.default_rng(seed)
+    perm = unit_label.copy()
+    for s in np.unique(unit_stratum):
+        idx = np.flatnonzero(unit_stratum == s)
+        perm[idx] = unit_label[rng.permutation(idx)]
     return perm[inv]
 
 
@@ -497,6 +508,7 @@ def fit_layer_probes(
     n_inner: int = 3,
     Cs: Sequence[float] = DEFAULT_CS,
     controls: bool = True,
+    n_shuffles: int = 5,
     n_boot: int = 1000,
     seed: int = 0,
     threads: int | None = None,
@@ -509,7 +521,8 @@ def fit_layer_probes(
     [n, layer, d] with `metadata` (a DataFrame with the store's metadata columns).
     words: one word, several (each probed on its own), or "all" (all lexicon words pooled);
     e.g. ``["wait", "so", "all"]``. Controls (random positions, shuffled labels, position
-    baseline) are fitted with the same folds when `controls` is true.
+    baseline) are fitted with the same folds when `controls` is true; the shuffled-label
+    control pools `n_shuffles` permutations (they ride along in the batched final fit).
     """
     word_groups = [words] if isinstance(words, str) else list(words)
     union = None if any(_words_list(w) is None for w in word_groups) else sorted(
@@ -521,7 +534,8 @@ def fit_layer_probes(
     with _torch_threads(threads):
         for w in word_groups:
             t, m, o = _probe_word(data, w, res, n_folds=n_folds, n_inner=n_inner, Cs=Cs,
-                                  controls=controls, n_boot=n_boot, seed=seed, dtype=dtype, tol=tol)
+                                  controls=controls, n_boot=n_boot, seed=seed, dtype=dtype, tol=tol,
+                                  n_shuffles=n_shuffles)
             tables.append(t)
             margins.append(m)
             oofs.append(o)
@@ -547,7 +561,7 @@ def _labels(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, controls, n_boot,
-                seed, dtype, tol):
+                seed, dtype, tol, n_shuffles):
     meta = data.metadata
     wl = _words_list(w)
     word = _word_label(w)
@@ -568,7 +582,8 @@ def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, c
     folds = make_folds(y, groups, n_folds, n_inner, seed)
     labels = [y]
     if controls:
-        labels.append(shuffle_labels(y, wm["trajectory_id"].to_numpy(), seed))
+        for k in range(n_shuffles):
+            labels.append(shuffle_labels(y, wm["trajectory_id"].to_numpy(), seed + k, strata=folds.outer))
     fit = cross_validate(data.states[rows], labels, folds, Cs=Cs, dtype=dtype, tol=tol)
     L = len(data.layers)
     res.directions[word] = fit.coef[n_folds, 0]
@@ -614,11 +629,13 @@ def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, c
                 "n_positions": len(y), "n_problems": len(np.unique(groups))}
         for k in MARGIN_COLUMNS[6:]:
             mrow[k] = np.nan
-        if controls:
-            ps = fit.oof[1, :, li]
-            row["control_shuffled_auroc"] = auroc(labels[1], ps)
+        if controls:  # the shuffles pooled: each is fitted and scored with the same folds
+            ps = fit.oof[1:, :, li].reshape(-1)
+            ys = np.concatenate(labels[1:])
+            gs = np.tile(groups, n_shuffles)
+            row["control_shuffled_auroc"] = auroc(ys, ps)
             mrow["selectivity"], mrow["selectivity_lo"], mrow["selectivity_hi"] = paired_auroc_difference(
-                y, p, groups, labels[1], ps, groups, n_boot=n_boot, seed=seed)
+                y, p, groups, ys, ps, gs, n_boot=n_boot, seed=seed)
             if ctl_fit is not None:
                 pc = ctl_fit.oof[0, :, li]
                 yc = y_all[ctl_rows]

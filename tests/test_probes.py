@@ -79,6 +79,11 @@ def test_shuffled_labels_keep_one_label_per_trajectory_and_the_balance():
     for tid in np.unique(t):
         assert len(set(s[t == tid])) == 1
     assert sorted(s[[0, 2, 4, 5]]) == sorted(y[[0, 2, 4, 5]])
+    strata = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # a, b in one stratum; c, d in the other
+    first = [0, 2, 4, 5]  # one row per trajectory
+    for seed in range(5):
+        s = shuffle_labels(y, t, seed=seed, strata=strata)
+        assert sorted(s[first][:2]) == [0, 1] and sorted(s[first][2:]) == [0, 1]
 
 
 def test_planted_leakage_grouped_cv_is_chance_ungrouped_is_not():

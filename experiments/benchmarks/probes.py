@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         y = data.metadata["correct"].to_numpy().astype(int)
         groups = data.metadata["problem_id"].to_numpy()
         folds = make_folds(y, groups, args.folds, 3, seed=0)
-        ys = shuffle_labels(y, data.metadata["trajectory_id"].to_numpy(), 0)
+        ys = shuffle_labels(y, data.metadata["trajectory_id"].to_numpy(), 0, strata=folds.outer)
         fit = cross_validate(data.states, [y, ys], folds, Cs=DEFAULT_CS)
         t_fast = time.perf_counter() - t0
         fast_auc = [auroc(y, fit.oof[0, :, li]) for li in range(args.layers)]
