@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_auroc_by_layer(table: pd.DataFrame, title: str | None = None):
@@ -33,6 +34,7 @@ def plot_auroc_by_layer(table: pd.DataFrame, title: str | None = None):
                             lw=0, label="shuffled labels")
         ax.axhline(0.5, color="0.4", lw=0.6)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"at '{word}'")
         ax.set_ylim(0.3, 1.0)
         ax.grid(alpha=0.25)
