@@ -19,7 +19,8 @@ Each probe is reported beside three controls, fitted with the same folds:
   each fold's intercept follows its training rate, which is anti-correlated with its test
   rate.) A probe expressive enough to memorize trajectories could fit it on training
   folds; under problem-grouped CV it must score 0.5, and it is fitted with the C chosen for
-  the real task (same capacity). Selectivity = AUROC - shuffled AUROC.
+  the real task (same capacity). `control_shuffled_auroc` pools 5 permutations; selectivity
+  (AUROC - shuffled AUROC, with a paired-bootstrap CI) is taken against the first.
 - position baseline: the same logistic regression on [frac, rel_index, n_reasoning_tokens]
   only — what position and length alone predict.
 
