@@ -172,3 +172,67 @@ def curves_around(curves: pd.DataFrame, events: pd.DataFrame, *, k: int = 8, col
                                         n_boot=n_boot, seed=seed)
         out.append({"offset": int(off), "mean": est, "lo": lo, "hi": hi, "n": len(g)})
     return pd.DataFrame(out, columns=["offset", "mean", "lo", "hi", "n"])
+
+
+def annotate_truth(waits: pd.DataFrame, truth_waits: Mapping[str, list[dict]]) -> pd.DataFrame:
+    """Attach known ground truth to aligned wait events (e.g. the organism's ``truth["waits"]``).
+
+    The n-th wait of a trajectory (by token position) is matched with the n-th truth entry; a
+    trajectory whose counts differ is left unannotated (``real_correction`` NA). Adds
+    ``after_slip``, ``changed_answer``, ``recheck_correct`` and ``real_correction`` (a wait after
+    a slip whose recheck changed the running value to the correct one)."""
+    out = waits.sort_values(["trajectory_id", "token_index"]).copy()
+    cols = {c: [] for c in ("after_slip", "changed_answer", "recheck_correct", "real_correction")}
+    for tid, g in out.groupby("trajectory_id", sort=False):
+        tw = truth_waits.get(tid)
+        ok = tw is not None and len(tw) == len(g)
+        for j in range(len(g)):
+            e = tw[j] if ok else None
+            vals = (None, None, None, None) if e is None else (
+                bool(e["after_slip"]), bool(e["changed_answer"]), bool(e["recheck_correct"]),
+                bool(e["after_slip"] and e["changed_answer"] and e["recheck_correct"]))
+            for c, v in zip(cols, vals, strict=True):
+                cols[c].append(v)
+    for c, v in cols.items():
+        out[c] = pd.array(v, dtype="boolean")
+    return out.reset_index(drop=True)
+
+
+def truth_alignment(waits: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """With `annotate_truth` columns: how often a wait is aligned *and* a real correction, the
+    recall P(aligned | real correction) and precision P(real correction | aligned), with CIs."""
+    w = waits[waits["real_correction"].notna()]
+    out: dict = {"n_annotated": int(len(w)), "n_unmatched": int(len(waits) - len(w))}
+    if w.empty:
+        out["note"] = "no wait could be matched to its ground truth"
+        return out
+    real = w["real_correction"].to_numpy(bool)
+    al = w["aligned"].to_numpy(bool)
+    g = w["problem_id"].to_numpy()
+    out["real_correction"] = _rate(real, g, n_boot, seed)
+    out["aligned_and_real"] = _rate(al & real, g, n_boot, seed)
+    out["aligned_given_real"] = _rate(al[real], g[real], n_boot, seed)
+    out["real_given_aligned"] = _rate(real[al], g[al], n_boot, seed)
+    out["aligned_given_changed"] = _rate(al[w["changed_answer"].to_numpy(bool)],
+                                         g[w["changed_answer"].to_numpy(bool)], n_boot, seed)
+    return out
+
+
+def compare_rates(values: Mapping[str, tuple[np.ndarray, np.ndarray]], *, n_boot: int = 1000,
+                  seed: int = 0) -> list[dict]:
+    """Difference of a rate between each later model and the first, bootstrapping problems.
+    values: model -> (0/1 values, problem ids)."""
+    names = list(values)
+    out = []
+    for m in names[1:]:
+        parts = [np.column_stack([np.asarray(values[mm][0], float), np.full(len(values[mm][0]), j)])
+                 for j, mm in enumerate((names[0], m))]
+        g = np.concatenate([values[names[0]][1], values[m][1]])
+
+        def diff(a: np.ndarray) -> float:
+            x, y = a[a[:, 1] == 0, 0], a[a[:, 1] == 1, 0]
+            return float(y.mean() - x.mean()) if len(x) and len(y) else float("nan")
+
+        est, lo, hi = cluster_bootstrap(np.vstack(parts), g, diff, n_boot=n_boot, seed=seed)
+        out.append({"model": m, "vs": names[0], "value": est, "lo": lo, "hi": hi})
+    return out

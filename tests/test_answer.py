@@ -103,3 +103,32 @@ def test_choose_prefixes_and_no_discourse(tiny_model):
         assert find_positions(tiny_model, [plain], ["wait"]).table.empty
     curves = answer_curves(tiny_model, [plain], {}, k=2, every=3)
     assert len(curves) >= 3 and curves["trajectory_id"].eq("t1").all()
+
+
+def _organism_dir(regime: str):
+    from pathlib import Path
+
+    d = Path(__file__).resolve().parents[1] / "experiments" / "organism" / "weights" / regime
+    return d if (d / "config.json").is_file() else None
+
+
+@pytest.mark.parametrize("regime", ["post-large", "sft-1k"])
+def test_branching_equals_recompute_organism(regime):
+    d = _organism_dir(regime)
+    if d is None:
+        pytest.skip(f"organism weights for {regime} not trained yet (waitlens organism train)")
+    from experiments.organism.task import TRACE_CORPUS, make_trace, random_problem
+    from hooks import load_model
+
+    model = load_model(f"organism:{regime}", device="cpu", dtype="float32")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        prob = random_problem(rng, split="eval")
+        reasoning, answer, _ = make_trace(prob, TRACE_CORPUS, rng)
+        traj = Trajectory(id=f"o{i}", problem_id=prob.id, prompt=prob.prompt, reasoning=reasoning,
+                          answer=answer, gold=prob.gold, correct=answer == prob.gold)
+        a = _agree(model, traj, None)
+        assert (a["gold_prob"] <= 1 + 1e-6).all()
+        st = suffix_tokens(model, traj.answer)
+        full = model.render(traj)
+        assert full.input_ids[: full.reasoning_tokens[1]] + st.forcing + st.answer + st.close == full.input_ids

@@ -84,3 +84,21 @@ def test_no_waits_is_a_message_and_curves_around():
     assert around.loc[around["offset"] == -5, "mean"].iloc[0] == pytest.approx(0.05)
     assert around.loc[around["offset"] == 5, "mean"].iloc[0] == pytest.approx(0.9)
     assert len(tr) == 6
+
+
+def test_truth_annotation_and_comparison():
+    from probes.transitions import annotate_truth, compare_rates, truth_alignment
+
+    curves, waits, controls = _planted(n=20)
+    tr = find_transitions(curves)
+    w = align_events(tr, waits, k=8)
+    truth = {f"t{i}": [{"after_slip": i % 2 == 0, "changed_answer": True, "recheck_correct": True}]
+             for i in range(19)}  # t19 has no truth: unannotated, not an error
+    a = annotate_truth(w, truth)
+    assert a["real_correction"].isna().sum() == 1 and a["real_correction"].sum() == 10
+    s = truth_alignment(a, n_boot=100)
+    assert s["aligned_given_real"]["value"] == 1.0 and s["n_unmatched"] == 1
+    assert s["aligned_and_real"]["value"] == pytest.approx(10 / 19)
+    (d,) = compare_rates({"a": (np.ones(20), np.arange(20) // 2), "b": (np.zeros(20), np.arange(20) // 2)},
+                         n_boot=100)
+    assert d["value"] == -1.0 and d["hi"] == -1.0

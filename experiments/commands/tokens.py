@@ -180,9 +180,12 @@ def run_answers(args) -> int:
     from probes.transitions import (
         align_events,
         alignment_summary,
+        annotate_truth,
         compare_alignment,
+        compare_rates,
         curves_around,
         find_transitions,
+        truth_alignment,
     )
     from traces import Lexicon, control_positions, find_positions
 
@@ -190,7 +193,7 @@ def run_answers(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     lex = Lexicon.parse(args.lexicon)
     word = args.word.lower()
-    all_curves, all_tr, summaries, events, around = [], [], {}, {}, {}
+    all_curves, all_tr, summaries, events, around, truth_rates = [], [], {}, {}, {}, {}
     for spec, model, trajs in _load(args):
         forcing_suffix(model, args.suffix)  # a clear error before any work
         with warnings.catch_warnings():
@@ -213,8 +216,20 @@ def run_answers(args) -> int:
         tr.insert(0, "model", spec)
         w = align_events(tr, waits.table, k=args.k, min_confidence=args.min_confidence, curves=curves)
         c = align_events(tr, controls.table, k=args.k, min_confidence=args.min_confidence, curves=curves)
-        events[spec] = (w, c)
         summaries[spec] = alignment_summary(w, c, model=spec, n_boot=args.n_boot, seed=args.seed)
+        truth = {t.id: t.extra["truth"].get("waits", []) for t in trajs
+                 if isinstance(t.extra.get("truth"), dict) and word == "wait"}
+        if truth and len(w):  # ground truth shipped with the trajectories (the organism)
+            w = annotate_truth(w, truth)
+            summaries[spec]["truth"] = ta = truth_alignment(w, n_boot=args.n_boot, seed=args.seed)
+            if "aligned_and_real" in ta:
+                ok = w["real_correction"].notna().to_numpy()
+                truth_rates[spec] = ((w["aligned"] & w["real_correction"].fillna(False)).to_numpy(bool)[ok],
+                                     w["problem_id"].to_numpy()[ok])
+                r = ta["aligned_and_real"]
+                print(f"{spec}: ground truth: waits aligned with a real correction {r['value']:.3f} "
+                      f"[{r['lo']:.3f}, {r['hi']:.3f}] (real corrections: {ta['real_correction']['value']:.3f})")
+        events[spec] = (w, c)
         around[spec] = {"wait": curves_around(curves, w, k=args.k, seed=args.seed),
                         "control": curves_around(curves, c, k=args.k, seed=args.seed)} if len(w) else {}
         s = summaries[spec]
@@ -235,6 +250,11 @@ def run_answers(args) -> int:
         for r in result["comparisons"]:
             d = r["d_wait_rate"]
             print(f"{r['model']} - {r['vs']}: wait alignment {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+    if len(truth_rates) > 1:
+        result["truth_comparisons"] = compare_rates(truth_rates, n_boot=args.n_boot, seed=args.seed)
+        for r in result["truth_comparisons"]:
+            print(f"{r['model']} - {r['vs']}: waits aligned with a real correction {r['value']:+.3f} "
+                  f"[{r['lo']:+.3f}, {r['hi']:+.3f}]")
     _write_json(out / "alignment.json", result)
     pd.concat([pd.concat([w.assign(model=m, event="wait"), c.assign(model=m, event="control")])
                for m, (w, c) in events.items()], ignore_index=True).to_csv(out / "alignment_events.csv", index=False)
