@@ -37,6 +37,21 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.transfer and len(args.store) < 2:
+        raise ValueError("--transfer needs at least two --store directories")
+    probe_to_dir(args.store, args.out, words=args.word or ["wait"], layers=args.layers, model=args.model,
+                 allow_mixed=args.allow_mixed, folds=args.folds, inner_folds=args.inner_folds,
+                 controls=not args.no_controls, n_boot=args.n_boot, seed=args.seed, threads=args.threads,
+                 transfer=args.transfer)
+    return 0
+
+
+def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow_mixed=False, folds=5,
+                 inner_folds=3, controls=True, n_boot=1000, seed=0, threads=1, transfer=False) -> dict:
+    """Probe every store (a directory or ActivationStore), write tables and figures into `out`.
+
+    Returns a summary: per model and word, the best layer and its AUROC.
+    """
     from pathlib import Path
 
     import pandas as pd
@@ -47,19 +62,22 @@ def run(args) -> int:
     from probes.linear import CSV_COLUMNS, fit_layer_probes
     from probes.transfer import transfer_matrix
 
-    out = Path(args.out)
-    words = args.word or ["wait"]
-    stores = [ActivationStore(s) for s in args.store]
-    results = []
+    out = Path(out)
+    words = list(words)
+    stores = [s if isinstance(s, ActivationStore) else ActivationStore(s) for s in stores]
+    results, summary = [], {}
     for store in stores:
-        res = fit_layer_probes(store, words=words, layers=args.layers, model=args.model,
-                               allow_mixed=args.allow_mixed, n_folds=args.folds, n_inner=args.inner_folds,
-                               controls=not args.no_controls, n_boot=args.n_boot, seed=args.seed,
-                               threads=args.threads)
+        res = fit_layer_probes(store, words=words, layers=layers, model=model,
+                               allow_mixed=allow_mixed, n_folds=folds, n_inner=inner_folds,
+                               controls=controls, n_boot=n_boot, seed=seed, threads=threads)
         results.append(res)
         for word in dict.fromkeys(res.table["word"]):
             best = res.best_layer(word)
             r = res.table[(res.table.word == word) & (res.table.layer == best)].iloc[0]
+            summary[f"{res.model}/{word}"] = {"best_layer": int(best), "auroc": float(r.auroc)}
+            if not controls:
+                print(f"{res.model} '{word}': best layer {best}: AUROC {r.auroc:.3f} [{r.auroc_lo:.3f}, {r.auroc_hi:.3f}]")
+                continue
             m = res.margins[(res.margins.word == word) & (res.margins.layer == best)].iloc[0]
             print(f"{res.model} '{word}': best layer {best}: AUROC {r.auroc:.3f} [{r.auroc_lo:.3f}, "
                   f"{r.auroc_hi:.3f}], random-position control {r.control_random_auroc:.3f}, shuffled "
@@ -72,13 +90,11 @@ def run(args) -> int:
     pd.concat([r.margins for r in results], ignore_index=True).to_csv(out / "probe_margins.csv", index=False)
     save_figure(plot_auroc_by_layer(table), out / "probe_auroc_by_layer.png")
     print(f"wrote {out / 'probe_results.csv'}, {out / 'probe_margins.csv'}, {out / 'probe_auroc_by_layer.png'}")
-    if args.transfer:
-        if len(stores) < 2:
-            raise ValueError("--transfer needs at least two --store directories")
+    if transfer and len(stores) > 1:
         word = words[0]
-        tr = transfer_matrix(stores, word=word, layers=args.layers, probe_results=results,
-                             n_folds=args.folds, n_inner=args.inner_folds, n_boot=args.n_boot,
-                             seed=args.seed, threads=args.threads, names=None)
+        tr = transfer_matrix(stores, word=word, layers=layers, probe_results=results,
+                             n_folds=folds, n_inner=inner_folds, n_boot=n_boot,
+                             seed=seed, threads=threads, names=None)
         tr.table.to_csv(out / "transfer.csv", index=False)
         tr.cosine.to_csv(out / "transfer_cosine.csv", index=False)
         matrix = tr.matrix("best")
@@ -87,4 +103,4 @@ def run(args) -> int:
         save_figure(plot_cosine(tr.cosine, f"probe directions at '{word}'"), out / "transfer_cosine.png")
         print(matrix.round(3).to_string())
         print(f"wrote {out / 'transfer.csv'}, {out / 'transfer_cosine.csv'}, {out / 'transfer_matrix.png'}")
-    return 0
+    return summary
