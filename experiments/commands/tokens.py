@@ -101,6 +101,15 @@ def _write_json(path, obj) -> None:
 
 
 def run_tokens(args) -> int:
+    tokens_to_dir(_load(args), args.out, lexicon=args.lexicon, word=args.word, min_count=args.min_count,
+                  n_boot=args.n_boot, seed=args.seed, top=args.top)
+    return 0
+
+
+def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1000, seed=0, top=15,
+                  progress=True) -> dict:
+    """Token tables and the wait distribution for each (name, model, trajectories) in `runs`,
+    written into `out`; returns a summary per model (the word's rank, AUROC and q)."""
     from pathlib import Path
 
     import pandas as pd
@@ -117,18 +126,18 @@ def run_tokens(args) -> int:
     )
     from traces import Lexicon, find_positions
 
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lex = Lexicon.parse(args.lexicon)
-    word = args.word.lower()
+    lex = Lexicon.parse(lexicon)
+    word = word.lower()
     if word not in lex:
         lex = Lexicon([*lex.words, word])
     tables, occs, trajs_by, waits, summaries = {}, {}, {}, [], {}
     md = []
-    for spec, model, trajs in _load(args):
-        occ = token_occurrences(model, trajs, lex, progress=True)
-        tt = token_table(occ, trajs, model=spec, lexicon=lex.words, min_count=args.min_count,
-                         n_boot=args.n_boot, seed=args.seed)
+    for spec, model, trajs in runs:
+        occ = token_occurrences(model, trajs, lex, progress=progress)
+        tt = token_table(occ, trajs, model=spec, lexicon=lex.words, min_count=min_count,
+                         n_boot=n_boot, seed=seed)
         tables[spec], occs[spec], trajs_by[spec] = tt, occ, trajs
         import warnings
 
@@ -137,10 +146,10 @@ def run_tokens(args) -> int:
             pos = find_positions(model, trajs, [word])
         wd = wait_distribution(pos, trajs, model=spec, word=word)
         waits.append(wd)
-        summaries[spec] = wait_summary(wd, trajs, model=spec, n_boot=args.n_boot, seed=args.seed, word=word)
+        summaries[spec] = wait_summary(wd, trajs, model=spec, n_boot=n_boot, seed=seed, word=word)
         md.append(f"## {spec}\n\n{tt.n_correct} correct, {tt.n_incorrect} incorrect trajectories; "
-                  f"{len(tt.table)} keys tested (min count {args.min_count}).\n")
-        show = tt.table.head(args.top)[["rank", "key", "kind", "n_occurrences", "rate_correct", "rate_incorrect",
+                  f"{len(tt.table)} keys tested (min count {min_count}).\n")
+        show = tt.table.head(top)[["rank", "key", "kind", "n_occurrences", "rate_correct", "rate_incorrect",
                                         "prob_correct", "prob_incorrect", "auroc", "auroc_lo", "auroc_hi",
                                         "q", "note"]]
         md.append(to_markdown(show))
@@ -157,18 +166,28 @@ def run_tokens(args) -> int:
     pd.concat([t.table for t in tables.values()], ignore_index=True).to_csv(out / "token_table.csv", index=False)
     (out / "token_table.md").write_text("# Token–correctness association\n\n" + "\n".join(md))
     if len(tables) > 1:
-        cmp = compare_regimes(occs, trajs_by, tables, n_boot=args.n_boot, seed=args.seed)
+        cmp = compare_regimes(occs, trajs_by, tables, n_boot=n_boot, seed=seed)
         cmp.to_csv(out / "token_compare.csv", index=False)
     wdf = pd.concat(waits, ignore_index=True)
     wdf.to_csv(out / "wait_distribution.csv", index=False)
     _write_json(out / "wait_summary.json", summaries)
-    save_figure(plot_top_tokens({m: t.table for m, t in tables.items()}, n=args.top), out / "token_top.png")
+    save_figure(plot_top_tokens({m: t.table for m, t in tables.items()}, n=top), out / "token_top.png")
     save_figure(plot_wait_histograms(wdf, word=word), out / "wait_position.png")
     print(f"wrote {out}/token_table.csv, token_table.md, wait_distribution.csv, wait_summary.json, figures")
-    return 0
+    return summaries
 
 
 def run_answers(args) -> int:
+    answers_to_dir(_load(args), args.out, lexicon=args.lexicon, word=args.word, suffix=args.suffix, k=args.k,
+                   every=args.every, delta=args.delta, min_confidence=args.min_confidence,
+                   max_answer_tokens=args.max_answer_tokens, n_boot=args.n_boot, seed=args.seed)
+    return 0
+
+
+def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, every=4, delta=0.3,
+                   min_confidence=0.5, max_answer_tokens=None, n_boot=1000, seed=0, progress=True) -> dict:
+    """Forced-answer curves, transitions and wait alignment for each (name, model, trajectories)
+    in `runs`, written into `out`; returns the alignment summary per model."""
     import warnings
     from pathlib import Path
 
@@ -189,13 +208,13 @@ def run_answers(args) -> int:
     )
     from traces import Lexicon, control_positions, find_positions
 
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lex = Lexicon.parse(args.lexicon)
-    word = args.word.lower()
+    lex = Lexicon.parse(lexicon)
+    word = word.lower()
     all_curves, all_tr, summaries, events, around, truth_rates = [], [], {}, {}, {}, {}
-    for spec, model, trajs in _load(args):
-        forcing_suffix(model, args.suffix)  # a clear error before any work
+    for spec, model, trajs in runs:
+        forcing_suffix(model, suffix)  # a clear error before any work
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             disc = find_positions(model, trajs, lex)
@@ -204,24 +223,24 @@ def run_answers(args) -> int:
             print(f"{spec}: no {word!r} in any trajectory: curves only, alignment undefined")
             controls = waits
         else:
-            controls = control_positions(model, trajs, waits, seed=args.seed)
+            controls = control_positions(model, trajs, waits, seed=seed)
         centres: dict[str, list[int]] = {}
         for t in (disc.table, controls.table):
             for tid, ti in zip(t["trajectory_id"], t["token_index"], strict=True):
                 centres.setdefault(tid, []).append(int(ti))
-        curves = answer_curves(model, trajs, centres, k=args.k, every=args.every, suffix=args.suffix,
-                               max_answer_tokens=args.max_answer_tokens, progress=True)
+        curves = answer_curves(model, trajs, centres, k=k, every=every, suffix=suffix,
+                               max_answer_tokens=max_answer_tokens, progress=progress)
         curves.insert(0, "model", spec)
-        tr = find_transitions(curves, delta=args.delta)
+        tr = find_transitions(curves, delta=delta)
         tr.insert(0, "model", spec)
-        w = align_events(tr, waits.table, k=args.k, min_confidence=args.min_confidence, curves=curves)
-        c = align_events(tr, controls.table, k=args.k, min_confidence=args.min_confidence, curves=curves)
-        summaries[spec] = alignment_summary(w, c, model=spec, n_boot=args.n_boot, seed=args.seed)
+        w = align_events(tr, waits.table, k=k, min_confidence=min_confidence, curves=curves)
+        c = align_events(tr, controls.table, k=k, min_confidence=min_confidence, curves=curves)
+        summaries[spec] = alignment_summary(w, c, model=spec, n_boot=n_boot, seed=seed)
         truth = {t.id: t.extra["truth"].get("waits", []) for t in trajs
                  if isinstance(t.extra.get("truth"), dict) and word == "wait"}
         if truth and len(w):  # ground truth shipped with the trajectories (the organism)
             w = annotate_truth(w, truth)
-            summaries[spec]["truth"] = ta = truth_alignment(w, n_boot=args.n_boot, seed=args.seed)
+            summaries[spec]["truth"] = ta = truth_alignment(w, n_boot=n_boot, seed=seed)
             if "aligned_and_real" in ta:
                 ok = w["real_correction"].notna().to_numpy()
                 truth_rates[spec] = ((w["aligned"] & w["real_correction"].fillna(False)).to_numpy(bool)[ok],
@@ -230,8 +249,8 @@ def run_answers(args) -> int:
                 print(f"{spec}: ground truth: waits aligned with a real correction {r['value']:.3f} "
                       f"[{r['lo']:.3f}, {r['hi']:.3f}] (real corrections: {ta['real_correction']['value']:.3f})")
         events[spec] = (w, c)
-        around[spec] = {"wait": curves_around(curves, w, k=args.k, seed=args.seed),
-                        "control": curves_around(curves, c, k=args.k, seed=args.seed)} if len(w) else {}
+        around[spec] = {"wait": curves_around(curves, w, k=k, seed=seed),
+                        "control": curves_around(curves, c, k=k, seed=seed)} if len(w) else {}
         s = summaries[spec]
         if "wait" in s:
             print(f"{spec}: {s['n_waits']} waits; aligned {s['wait']['value']:.3f} [{s['wait']['lo']:.3f}, "
@@ -241,17 +260,17 @@ def run_answers(args) -> int:
         all_tr.append(tr)
     pd.concat(all_curves, ignore_index=True).to_csv(out / "answer_curves.csv", index=False)
     pd.concat(all_tr, ignore_index=True).to_csv(out / "transitions.csv", index=False)
-    result = {"params": {"k": args.k, "every": args.every, "delta": args.delta,
-                         "min_confidence": args.min_confidence, "word": word, "n_boot": args.n_boot},
+    result = {"params": {"k": k, "every": every, "delta": delta,
+                         "min_confidence": min_confidence, "word": word, "n_boot": n_boot},
               "models": summaries}
     usable = {m: e for m, e in events.items() if len(e[0]) and len(e[1])}
     if len(usable) > 1:
-        result["comparisons"] = compare_alignment(usable, n_boot=args.n_boot, seed=args.seed)
+        result["comparisons"] = compare_alignment(usable, n_boot=n_boot, seed=seed)
         for r in result["comparisons"]:
             d = r["d_wait_rate"]
             print(f"{r['model']} - {r['vs']}: wait alignment {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
     if len(truth_rates) > 1:
-        result["truth_comparisons"] = compare_rates(truth_rates, n_boot=args.n_boot, seed=args.seed)
+        result["truth_comparisons"] = compare_rates(truth_rates, n_boot=n_boot, seed=seed)
         for r in result["truth_comparisons"]:
             print(f"{r['model']} - {r['vs']}: waits aligned with a real correction {r['value']:+.3f} "
                   f"[{r['lo']:+.3f}, {r['hi']:+.3f}]")
@@ -262,4 +281,4 @@ def run_answers(args) -> int:
         save_figure(plot_curves_around({m: a for m, a in around.items() if a}), out / "answer_around_wait.png")
     save_figure(plot_alignment({m: s for m, s in summaries.items() if "wait" in s}), out / "alignment.png")
     print(f"wrote {out}/answer_curves.csv, transitions.csv, alignment.json, figures")
-    return 0
+    return summaries
