@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
-	$(VENV)/bin/waitlens run
+	$(VENV)/bin/waitlens run --figures figures
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/capture.py

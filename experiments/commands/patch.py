@@ -175,10 +175,19 @@ def ablate_to_dir(model, trajs, out: Path, *, kinds, word="wait", neutral=None, 
     out.mkdir(parents=True, exist_ok=True)
     tables, infos = [], []
     for kind in kinds:
-        t, info = ablate(model, trajs, kind, word=word, neutral=neutral, kl_positions=kl_positions,
-                         separators=separators, seed=seed, progress=progress)
+        try:
+            t, info = ablate(model, trajs, kind, word=word, neutral=neutral, kl_positions=kl_positions,
+                             separators=separators, seed=seed, progress=progress)
+        except ValueError as e:
+            if "applies to none" not in str(e):
+                raise
+            print(f"ablation {e}; skipped")  # e.g. no reasoning with two steps: report, do not fail the rest
+            infos.append({"kind": kind, "skipped": str(e)})
+            continue
         tables.append(t)
         infos.append(info)
+    if not tables:
+        raise ValueError(f"none of the ablations {list(kinds)} applies to any of the {len(trajs)} trajectories")
     table = pd.concat(tables, ignore_index=True)
     table.to_csv(out / "ablation_rows.csv", index=False)
     summary = summarize_ablations(table, n_boot=n_boot, seed=seed)

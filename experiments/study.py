@@ -1,0 +1,205 @@
+"""The study's stages, each a function of the run context and its output directory.
+
+Which trajectories each analysis reads:
+
+- every model samples its own trajectories on the same problems (`trajectories/<model>.jsonl`);
+- token signals and answer transitions: each model on its own trajectories;
+- capture and probes: every model reads the *pooled* trajectories (the same text for all
+  models), so a probe trained on one model's states can be tested on another's at the same
+  positions (transfer);
+- patching: the target's own trajectories (where its slips and waits are), both directions;
+- ablations: the chosen model on its own trajectories.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from experiments.runner import RunContext, Stage
+from traces import (
+    Lexicon,
+    Trajectory,
+    control_positions,
+    find_positions,
+    load_trajectories,
+    save_trajectories,
+)
+
+
+def _trajectory_file(ctx: RunContext, name: str) -> Path:
+    return ctx.stage_dir("trajectories") / f"{name}.jsonl"
+
+
+def own_trajectories(ctx: RunContext, name: str) -> list[Trajectory]:
+    return load_trajectories(_trajectory_file(ctx, name))
+
+
+def pooled_trajectories(ctx: RunContext) -> list[Trajectory]:
+    """Every model's trajectories, once each (a JSONL source shared by all models appears once)."""
+    out: dict[str, Trajectory] = {}
+    for name in ctx.cfg.models:
+        path = _trajectory_file(ctx, name)
+        if path.is_file():
+            for t in load_trajectories(path):
+                out.setdefault(t.id, t)
+    return list(out.values())
+
+
+# -- stages ------------------------------------------------------------------------------------
+def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from experiments.problems import load_problems
+    from hooks.generate import generate_trajectories
+
+    t = ctx.cfg.trajectories
+    if t.source == "jsonl":
+        trajs = load_trajectories(t.path)
+        by_model: dict[str, list[Trajectory]] = {}
+        for tr in trajs:
+            by_model.setdefault(tr.model or "jsonl", []).append(tr)
+        for name in ctx.cfg.models:  # a file without `model` keys serves every model
+            save_trajectories(by_model.get(name, trajs), out / f"{name}.jsonl")
+        return {"source": str(t.path), "n": len(trajs)}
+    problems = load_problems(t, ctx.cfg.seed)
+    summary = {}
+    for name in t.from_models or list(ctx.cfg.models):
+        model = ctx.model(name)
+        ctx.log(f"trajectories: sampling {len(problems)} x {t.n_per_problem} from {name}")
+        trajs = generate_trajectories(model, problems, t.n_per_problem, temperature=t.temperature, top_p=t.top_p,
+                                      max_new_tokens=t.max_new_tokens, seed=ctx.cfg.seed, model_name=name,
+                                      progress=not ctx.quiet)
+        if t.problems == "organism":
+            _add_organism_truth(trajs)
+        for tr in trajs:
+            tr.id = f"{name}/{tr.id}"  # unique across models in the pooled set
+        save_trajectories(trajs, out / f"{name}.jsonl")
+        summary[name] = {"n": len(trajs), "accuracy": sum(bool(x.correct) for x in trajs) / max(len(trajs), 1)}
+    return summary
+
+
+def _add_organism_truth(trajs: list[Trajectory]) -> None:
+    """The organism's ground truth (slips, what each wait did) for each sampled trajectory."""
+    from experiments.organism.sample import add_truth
+    from experiments.organism.task import Problem
+
+    for tr in trajs:
+        add_truth(tr, Problem.parse_prompt(tr.prompt))
+
+
+def stage_positions(ctx: RunContext, out: Path) -> dict[str, Any]:
+    pooled = pooled_trajectories(ctx)
+    lex = Lexicon.parse(ctx.cfg.lexicon)
+    summary = {}
+    for name in ctx.cfg.models:
+        model = ctx.model(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty table is reported in the summary
+            pos = find_positions(model, pooled, lex, anchor=ctx.cfg.capture.anchor)
+        if ctx.cfg.capture.controls and len(pos):
+            pos = pos.concat(control_positions(model, pooled, pos, seed=ctx.cfg.seed))
+        pos.table.to_csv(out / f"{name}.csv", index=False)
+        summary[name] = pos.table["word"].value_counts().to_dict()
+    return summary
+
+
+def _positions(ctx: RunContext, name: str):
+    import pandas as pd
+
+    from traces import Positions
+
+    table = pd.read_csv(ctx.stage_dir("positions") / f"{name}.csv", keep_default_na=False,
+                        dtype={"trajectory_id": str, "problem_id": str, "word": str, "surface": str})
+    table["correct"] = table["correct"].astype(str).str.lower() == "true"
+    return Positions(table, tuple(ctx.cfg.lexicon))
+
+
+def stage_capture(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from hooks import capture_residuals
+
+    pooled = pooled_trajectories(ctx)
+    c = ctx.cfg.capture
+    summary = {}
+    for name in ctx.cfg.models:
+        store = capture_residuals(ctx.model(name), pooled, _positions(ctx, name), out / name, layers=c.layers,
+                                  hook=c.hook, batch_size=c.batch_size, storage_dtype=c.storage_dtype,
+                                  progress=not ctx.quiet)
+        summary[name] = {"n_positions": len(store), "layers": list(store.layers)}
+    return summary
+
+
+def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from experiments.commands.tokens import tokens_to_dir
+
+    runs = [(name, ctx.model(name), own_trajectories(ctx, name)) for name in ctx.cfg.models]
+    return tokens_to_dir(runs, out, lexicon=ctx.cfg.lexicon, min_count=ctx.cfg.tokens.min_count,
+                         n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed, progress=not ctx.quiet)
+
+
+def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from experiments.commands.tokens import answers_to_dir
+
+    a = ctx.cfg.answers
+    runs = [(name, ctx.model(name), own_trajectories(ctx, name)[: a.max_trajectories]) for name in ctx.cfg.models]
+    return answers_to_dir(runs, out, lexicon=ctx.cfg.lexicon, k=a.window, every=a.every, delta=a.jump,
+                          min_confidence=a.confidence, n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed,
+                          progress=not ctx.quiet)
+
+
+def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from experiments.commands.probe import probe_to_dir
+
+    p = ctx.cfg.probes
+    stores = [ctx.stage_dir("capture") / name for name in ctx.cfg.models]
+    return probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
+                        transfer=p.transfer and len(stores) > 1)
+
+
+def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from experiments.commands.patch import patch_to_dir
+
+    p = ctx.cfg.patching
+    trajs = own_trajectories(ctx, p.target)[: p.max_trajectories]
+    lo, hi = p.window
+    return patch_to_dir(ctx.model(p.source), ctx.model(p.target), trajs, out, layers=p.layers,
+                        window=f"{lo}:{hi}", metrics=p.metrics, both_directions=p.both_directions,
+                        control=p.controls, attribution=p.attribution, n_boot=ctx.cfg.tokens.n_boot,
+                        seed=ctx.cfg.seed, progress=not ctx.quiet,
+                        manifest={"source": p.source, "target": p.target})
+
+
+def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from experiments.commands.patch import ablate_to_dir
+
+    a = ctx.cfg.ablations
+    trajs = own_trajectories(ctx, a.model)[: a.max_trajectories]
+    summary = ablate_to_dir(ctx.model(a.model), trajs, out, kinds=a.kinds, n_boot=ctx.cfg.tokens.n_boot,
+                            seed=ctx.cfg.seed, progress=not ctx.quiet, model_name=a.model)
+    return {"rows": len(summary)}
+
+
+def stage_report(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from experiments.report import write_report
+
+    path = write_report(ctx.run_dir, out)
+    return {"report": str(path)}
+
+
+STAGE_FUNCS = {
+    "trajectories": (stage_trajectories, ()),
+    "positions": (stage_positions, ("trajectories",)),
+    "capture": (stage_capture, ("positions",)),
+    "tokens": (stage_tokens, ("trajectories",)),
+    "answers": (stage_answers, ("trajectories",)),
+    "probes": (stage_probes, ("capture",)),
+    "patching": (stage_patching, ("trajectories",)),
+    "ablations": (stage_ablations, ("trajectories",)),
+    "report": (stage_report, ()),
+}
+
+
+def study_stages() -> dict[str, Stage]:
+    stages = {name: Stage(name, fn, needs) for name, (fn, needs) in STAGE_FUNCS.items()}
+    stages["capture"].resumable = True
+    return stages
+
