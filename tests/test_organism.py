@@ -14,6 +14,7 @@ from experiments.organism import registry
 from experiments.organism.task import (
     BASE_CORPUS,
     TRACE_CORPUS,
+    CorpusSpec,
     Problem,
     analyze,
     apply,
@@ -26,7 +27,11 @@ ORG = Path(registry.__file__).resolve().parent
 
 
 # -- the task and its ground truth ---------------------------------------------------------------
-@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS], ids=lambda s: s.name)
+CONNECTIVE = CorpusSpec("connective", wait_after_slip=0.3, wait_after_correct=0.1, alt_after_correct=0.05,
+                        recheck="connective")
+
+
+@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, CONNECTIVE], ids=lambda s: s.name)
 def test_generator_truth_matches_text(spec):
     rng = np.random.default_rng(1)
     n_waits = n_fix = 0
@@ -50,7 +55,10 @@ def test_generator_truth_matches_text(spec):
                 # a wait after a slip with a correct recheck is an answer transition
                 assert w["changed_answer"] == w["after_slip"]
                 n_fix += w["after_slip"]
-            else:  # the base's wait is a generic connective: no recheck, never a transition
+            elif spec.recheck == "restate":  # the base's generic wait: never a transition
+                assert w["rechecked"] and not w["changed_answer"]
+                assert w["recheck_correct"] == (not w["after_slip"])
+            else:  # "wait" as a plain connective before the next step: no recheck at all
                 assert not w["rechecked"] and not w["changed_answer"] and not w["recheck_correct"]
         # no uncaught slip in a fixing corpus -> the answer is right
         if spec.recheck == "fix" and all(w["after_slip"] for w in truth.waits) and \
@@ -204,3 +212,37 @@ def test_planted_signal_post_large_waits_fix(shipped_eval):
     assert post["fix_rate"]["value"] > sft["fix_rate"]["value"] + 0.2
     assert post["keep_rate"]["value"] > sft["keep_rate"]["value"]
     assert sft["waits_per_trajectory"]["value"] > 0.2 and post["waits_per_trajectory"]["value"] > 0.2
+
+
+@needs_weights
+def test_capture_matches_full_forward_on_organism(tmp_path):
+    """The foundation's capture equivalence on the organism: captured states == a full forward."""
+    capture = pytest.importorskip("hooks.capture")
+    torch = pytest.importorskip("torch")
+    from experiments.organism.sample import sample
+    from hooks.models import load_model
+
+    model = load_model("organism:post-large")
+    trajs = sample(model, 8, seed=3, progress=False)
+    pos = find_positions(model, trajs, ["wait", "so", "therefore", "alternatively"])
+    store = capture.capture_residuals(model, trajs, pos, tmp_path / "s", batch_size=4, progress=False)
+    states, meta = store.states(), store.metadata
+    worst = 0.0
+    for t in trajs:
+        rows = meta.index[meta["trajectory_id"] == t.id].to_numpy().copy()
+        if not len(rows):
+            continue
+        post, handles = {}, []
+        for layer, block in enumerate(model.blocks):
+            handles.append(block.register_forward_hook(
+                lambda m, a, o, layer=layer, post=post: post.__setitem__(layer, (o[0] if isinstance(o, tuple) else o).clone())))
+        try:
+            with torch.inference_mode():
+                model.hf(model.tokenize(t)[None])
+        finally:
+            for h in handles:
+                h.remove()
+        idx = torch.as_tensor(meta["token_index"].to_numpy()[rows].copy())
+        for j, layer in enumerate(store.layers):
+            worst = max(worst, (torch.as_tensor(states[rows, j]) - post[layer][0, idx]).abs().max().item())
+    assert len(meta) > 8 and worst <= 1e-4, worst

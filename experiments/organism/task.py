@@ -125,11 +125,13 @@ class CorpusSpec:
     recheck: str = "fix"
 
 
-# Pre-training: worked problems; "wait"/"alternatively" are only generic connectives between
-# two steps, like "so" (a hesitation, somewhat more common after a slip: a weak planted signal).
+# Pre-training: worked problems; "wait"/"alternatively" are only generic connectives that
+# restate the step just written, value unchanged (a hesitation, more common after a slip: a
+# weak planted signal). A base whose "wait" only joins two steps, like "so", never sees a step
+# written twice, and fine-tuning on 1,000 rechecking traces wrecked it (56% malformed).
 BASE_CORPUS = CorpusSpec(
     "base", slip=0.10, wait_after_slip=0.25, wait_after_correct=0.03,
-    alt_after_slip=0.02, alt_after_correct=0.02, recheck="connective",
+    alt_after_slip=0.02, alt_after_correct=0.02, recheck="restate",
 )
 # Reasoning traces (SFT and large-scale post-training): the same slip rate; a wait re-checks
 # and fixes 85% of slips, and re-checks (keeps) 6% of correct steps.
