@@ -161,8 +161,21 @@ def _answers(r: _Report, cfg: dict) -> None:
             for m, s in al.get("models", {}).items()]
     r.table(pd.DataFrame(rows))
     for c in al.get("comparisons", []):
-        r.add(f"- {c['model']} − {c['vs']}: difference in wait alignment {_ci(c.get('d_wait_rate'), '+.3f')}.")
+        r.add(f"- {c['model']} − {c['vs']}: difference in wait alignment {_ci(c.get('d_wait_rate'), '+.3f')}, "
+              f"in excess over controls {_ci(c.get('d_excess'), '+.3f')}.")
     r.add("")
+    truth = {m: s["truth"] for m, s in al.get("models", {}).items() if "truth" in s}
+    if truth:
+        r.add("With the organism's ground truth: a wait is a *real correction* when it follows a slip and its "
+              "re-check writes the true value. Rate of waits that are aligned real corrections, and the share of "
+              "aligned waits that are real corrections:", "")
+        r.table(pd.DataFrame([{"model": m, "waits annotated": t.get("n_annotated"),
+                               "aligned real corrections / waits": _ci(t.get("aligned_and_real")),
+                               "real corrections / aligned waits": _ci(t.get("real_given_aligned"))}
+                              for m, t in truth.items()]))
+        for c in al.get("truth_comparisons", []):
+            r.add(f"- {c['model']} − {c['vs']}: aligned real corrections per wait {_ci(c, '+.3f')}.")
+        r.add("")
     r.figure("answers", "answer_around_wait.png", "Gold-answer probability around waits (aligned at the wait), with controls.")
     r.figure("answers", "alignment.png", "Fraction of waits (and controls) followed by a high-confidence transition.")
 
@@ -203,11 +216,17 @@ def _patching(r: _Report, cfg: dict) -> None:
             if g.empty:
                 continue
             x = g.loc[g["mean"].abs().idxmax()]
+            at = g[g["rel_pos"] == 0]
+            y = at.loc[at["mean"].abs().idxmax()] if len(at) else None
             sig = int(((g["lo"] > 0) | (g["hi"] < 0)).sum())
-            rows.append({"direction": direction, "metric": metric, "largest wait − random": _row_ci(x, "+.4f"),
-                         "at layer": int(x["layer"]), "rel pos": int(x["rel_pos"]),
+            rows.append({"direction": direction, "metric": metric, "n waits": int(g["n"].max()),
+                         "largest wait − random (layer, rel pos)":
+                             f"{_row_ci(x, '+.4f')} ({int(x['layer'])}, {int(x['rel_pos']):+d})",
+                         "at the wait itself (layer)": "n/a" if y is None else f"{_row_ci(y, '+.4f')} ({int(y['layer'])})",
                          "cells with CI excluding 0": f"{sig}/{len(g)}"})
         if rows:
+            r.add("Paired contrast, patched wait minus its patched random control (95% CI over problems; "
+                  "no CI where fewer than two problems have that cell):", "")
             r.table(pd.DataFrame(rows))
     for m in ("correction", "gold_prob", "kl"):
         r.figure("patching", f"patch_heatmap_{m}.png", f"Patch effect on {m} (layer x position relative to the wait), per direction.")

@@ -159,13 +159,25 @@ def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
     from experiments.commands.patch import patch_to_dir
 
     p = ctx.cfg.patching
-    trajs = own_trajectories(ctx, p.target)[: p.max_trajectories]
+    # Only trajectories with a wait can be patched at one; where ground truth says a wait follows a
+    # slip (the cases the correction metric reads), take those first, then cap.
+    trajs = [t for t in own_trajectories(ctx, p.target) if _has_word(t, "wait")]
+    trajs = sorted(trajs, key=lambda t: not _wait_after_slip(t))[: p.max_trajectories]
     lo, hi = p.window
     return patch_to_dir(ctx.model(p.source), ctx.model(p.target), trajs, out, layers=p.layers,
                         window=f"{lo}:{hi}", metrics=p.metrics, both_directions=p.both_directions,
                         control=p.controls, attribution=p.attribution, n_boot=ctx.cfg.tokens.n_boot,
                         seed=ctx.cfg.seed, progress=not ctx.quiet,
                         manifest={"source": p.source, "target": p.target})
+
+
+def _has_word(t: Trajectory, word: str) -> bool:
+    return next(Lexicon([word]).finditer(t.reasoning), None) is not None
+
+
+def _wait_after_slip(t: Trajectory) -> bool:
+    truth = t.extra.get("truth")
+    return isinstance(truth, dict) and any(w.get("after_slip") for w in truth.get("waits", []))
 
 
 def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
@@ -194,7 +206,8 @@ STAGE_FUNCS = {
     "probes": (stage_probes, ("capture",)),
     "patching": (stage_patching, ("trajectories",)),
     "ablations": (stage_ablations, ("trajectories",)),
-    "report": (stage_report, ()),
+    "report": (stage_report, ("trajectories", "positions", "capture", "tokens", "answers", "probes", "patching",
+                              "ablations")),
 }
 
 

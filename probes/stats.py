@@ -22,7 +22,8 @@ def cluster_bootstrap(
 
     `values` may be 1-D, or 2-D with rows aligned to `groups` (e.g. [score, label] pairs for an
     AUROC); `statistic` receives the resampled rows. Resamples where the statistic is not
-    finite (e.g. a single class) are dropped; if none is finite, the CI is (nan, nan).
+    finite (e.g. a single class) are dropped; if none is finite, or there is only one group,
+    the CI is (nan, nan): a CI from a single problem would look certain and mean nothing.
     """
     values = np.asarray(values)
     groups = np.asarray(groups)
@@ -32,6 +33,8 @@ def cluster_bootstrap(
         raise ValueError("cannot bootstrap an empty sample")
     estimate = float(statistic(values))
     uniq, inverse = np.unique(groups, return_inverse=True)
+    if len(uniq) < 2:  # one problem: resampling it says nothing about the spread
+        return estimate, float("nan"), float("nan")
     members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
     rng = np.random.default_rng(seed)
     boots = []

@@ -177,6 +177,13 @@ def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1
     return summaries
 
 
+def _pairwise(compare, by_model: dict, **kw) -> list[dict]:
+    """`compare` (later model vs first) for every pair of models, in config order."""
+    names = list(by_model)
+    return [row for i, a in enumerate(names) for b in names[i + 1:]
+            for row in compare({a: by_model[a], b: by_model[b]}, **kw)]
+
+
 def run_answers(args) -> int:
     answers_to_dir(_load(args), args.out, lexicon=args.lexicon, word=args.word, suffix=args.suffix, k=args.k,
                    every=args.every, delta=args.delta, min_confidence=args.min_confidence,
@@ -265,12 +272,12 @@ def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, ev
               "models": summaries}
     usable = {m: e for m, e in events.items() if len(e[0]) and len(e[1])}
     if len(usable) > 1:
-        result["comparisons"] = compare_alignment(usable, n_boot=n_boot, seed=seed)
+        result["comparisons"] = _pairwise(compare_alignment, usable, n_boot=n_boot, seed=seed)
         for r in result["comparisons"]:
             d = r["d_wait_rate"]
             print(f"{r['model']} - {r['vs']}: wait alignment {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
     if len(truth_rates) > 1:
-        result["truth_comparisons"] = compare_rates(truth_rates, n_boot=n_boot, seed=seed)
+        result["truth_comparisons"] = _pairwise(compare_rates, truth_rates, n_boot=n_boot, seed=seed)
         for r in result["truth_comparisons"]:
             print(f"{r['model']} - {r['vs']}: waits aligned with a real correction {r['value']:+.3f} "
                   f"[{r['lo']:+.3f}, {r['hi']:+.3f}]")
