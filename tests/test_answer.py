@@ -114,9 +114,7 @@ def _organism_dir(regime: str):
 
 @pytest.mark.parametrize("regime", ["post-large", "sft-1k"])
 def test_branching_equals_recompute_organism(regime):
-    d = _organism_dir(regime)
-    if d is None:
-        pytest.skip(f"organism weights for {regime} not trained yet (waitlens organism train)")
+    assert _organism_dir(regime) is not None, f"organism weights for {regime} are missing from the repo"
     from experiments.organism.task import TRACE_CORPUS, make_trace, random_problem
     from hooks import load_model
 

@@ -176,11 +176,10 @@ def test_cli_unknown_spec(capsys):
 
 
 # -- the shipped weights ---------------------------------------------------------------------------
-SHIPPED = json.loads((ORG / "shipped.json").read_text()) if (ORG / "shipped.json").is_file() else None
-needs_weights = pytest.mark.skipif(SHIPPED is None, reason="no shipped organism weights")
+# The weights ship with the repo: their absence is a failure, not a skip.
+SHIPPED = json.loads((ORG / "shipped.json").read_text())
 
 
-@needs_weights
 def test_shipped_weights_are_the_committed_ones():
     for regime, digest in SHIPPED["sha256"].items():
         d = registry.resolve(regime)
@@ -198,14 +197,13 @@ def shipped_eval():
             for r in ("sft-1k", "post-large")}
 
 
-@needs_weights
 def test_shipped_models_load_through_hooks():
-    hooks_models = pytest.importorskip("hooks.models")
-    m = hooks_models.load_model("organism:post-large")
+    from hooks.models import load_model
+
+    m = load_model("organism:post-large")
     assert m.format.forcing_suffix == " ; A " and type(m.hf).__name__ == "Qwen2ForCausalLM"
 
 
-@needs_weights
 def test_planted_signal_post_large_waits_fix(shipped_eval):
     sft, post = shipped_eval["sft-1k"], shipped_eval["post-large"]
     assert post["accuracy"]["value"] > sft["accuracy"]["value"]
@@ -214,11 +212,11 @@ def test_planted_signal_post_large_waits_fix(shipped_eval):
     assert sft["waits_per_trajectory"]["value"] > 0.2 and post["waits_per_trajectory"]["value"] > 0.2
 
 
-@needs_weights
 def test_capture_matches_full_forward_on_organism(tmp_path):
     """The foundation's capture equivalence on the organism: captured states == a full forward."""
-    capture = pytest.importorskip("hooks.capture")
-    torch = pytest.importorskip("torch")
+    import torch
+
+    import hooks.capture as capture
     from experiments.organism.sample import sample
     from hooks.models import load_model
 
