@@ -76,10 +76,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def versions() -> dict[str, str | None]:
+    import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for pkg in ("torch", "transformers", "transformer-lens", "safetensors", "waitlens"):
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("waitlens", "torch", "transformers", "transformer-lens", "safetensors", "scikit-learn", "numpy"):
         try:
             out[pkg.replace("-", "_")] = version(pkg)
         except PackageNotFoundError:
@@ -108,7 +109,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def write_csv(path: Path, table: pd.DataFrame) -> None:
