@@ -44,6 +44,7 @@ class TrajectoryConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    force_answer: bool = True  # a completion that never answers gets its answer forced (budget forcing)
     from_models: list[str] = field(default_factory=list)  # which models generate (default: all)
 
 

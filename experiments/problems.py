@@ -27,16 +27,16 @@ def load_problems(cfg: TrajectoryConfig, seed: int) -> list[dict]:
 
 
 def arithmetic_problems(n: int, seed: int) -> list[dict]:
-    """Two-step arithmetic questions a 135M chat model can attempt, with integer answers."""
+    """Small additions a 135M chat model can attempt (some right, some wrong), integer answers."""
     rng = np.random.default_rng([seed, 7])
     out = []
     for i in range(n):
-        a, b, c = (int(x) for x in rng.integers(2, 30, 3))
+        a, b = (int(x) for x in rng.integers(2, 20, 2))
         out.append({
             "id": f"arith{i}",
-            "prompt": f"Tom has {a} apples. He buys {b} more, then gives away {c}. How many apples does he have? "
-                      "Think step by step, and check your work.",
-            "gold": str(a + b - c),
+            "prompt": f"What is {a} + {b}? Think step by step, check your work, "
+                      "and end with 'Final answer:' followed by the number.",
+            "gold": str(a + b),
         })
     return out
 

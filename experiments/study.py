@@ -68,7 +68,7 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
         ctx.log(f"trajectories: sampling {len(problems)} x {t.n_per_problem} from {name}")
         trajs = generate_trajectories(model, problems, t.n_per_problem, temperature=t.temperature, top_p=t.top_p,
                                       max_new_tokens=t.max_new_tokens, seed=ctx.cfg.seed, model_name=name,
-                                      progress=not ctx.quiet)
+                                      progress=not ctx.quiet, force_answer=t.force_answer)
         if t.problems == "organism":
             _add_organism_truth(trajs)
         for tr in trajs:

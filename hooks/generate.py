@@ -64,17 +64,34 @@ def generate(
     model: a `hooks.load_model` result (`.hf`, `.tokenizer`, `.format`, `.device`).
     temperature 0 means greedy decoding.
     """
+    heads = [render_head(model.tokenizer, p, model.format) for p in prompts]
+    return continue_texts(model, heads, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                          seed=seed, batch_size=batch_size, progress=progress)
+
+
+def continue_texts(
+    model,
+    heads: Sequence[str],
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> list[str]:
+    """Continue each already-rendered text (special tokens included); the new text only."""
     import torch
     from tqdm.auto import tqdm
 
-    tok, fmt, hf = model.tokenizer, model.format, model.hf
+    tok, hf = model.tokenizer, model.hf
     device = getattr(model, "device", None) or next(hf.parameters()).device
-    heads = [render_head(tok, p, fmt) for p in prompts]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos_id = tok.eos_token_id
     out: list[str] = []
     starts = range(0, len(heads), batch_size)
-    for b, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
+    for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress)):
         chunk = heads[start: start + batch_size]
         enc = [tok(h, add_special_tokens=False)["input_ids"] for h in chunk]
         width = max(len(e) for e in enc)
@@ -114,12 +131,17 @@ def generate_trajectories(
     batch_size: int = 64,
     model_name: str | None = None,
     progress: bool = False,
+    force_answer: bool = False,
+    answer_tokens: int = 12,
 ) -> list[Trajectory]:
     """Sample `n_per_problem` trajectories per problem and grade them.
 
     problems: objects or dicts with ``prompt``, ``gold`` and optionally ``id`` (the
     problem id; default ``q{index}``). A completion without the forcing suffix gets an empty
-    answer, ``correct=False`` and ``extra["malformed"] = True``.
+    answer, ``correct=False`` and ``extra["malformed"] = True`` — unless `force_answer`: then,
+    as with budget forcing (s1), the forcing suffix is appended to the whole completion and the
+    model's greedy answer (at most `answer_tokens` tokens, up to the end of the line) is taken,
+    marked ``extra["forced_answer"] = True``.
     """
     def get(p, key, default=None):
         return p.get(key, default) if isinstance(p, dict) else getattr(p, key, default)
@@ -128,14 +150,22 @@ def generate_trajectories(
     prompts = [get(p, "prompt") for _, p, _ in items]
     completions = generate(model, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                            seed=seed, batch_size=batch_size, progress=progress)
+    forced: dict[int, str] = {}
+    if force_answer:
+        forced = _force_answers(model, prompts, completions, answer_tokens=answer_tokens,
+                                batch_size=batch_size, progress=progress)
     name = model_name or getattr(model, "spec", None)
     out = []
-    for (i, p, s), text in zip(items, completions, strict=True):
+    for k, ((i, p, s), text) in enumerate(zip(items, completions, strict=True)):
         reasoning, answer = split_completion(text, model.format)
+        if answer is None and k in forced:
+            answer = forced[k]
         pid = str(get(p, "id", None) or f"q{i}")
         gold = str(get(p, "gold"))
         extra: dict[str, Any] = {"completion": text, "temperature": temperature, "seed": seed}
-        if answer is None:
+        if k in forced:
+            extra["forced_answer"] = True  # the completion ran out before answering: answer forced
+        elif answer is None:
             extra["malformed"] = True
         out.append(Trajectory(
             id=f"{pid}-s{s}", problem_id=pid, prompt=get(p, "prompt"), reasoning=reasoning,
@@ -143,3 +173,24 @@ def generate_trajectories(
             model=name, extra=extra,
         ))
     return out
+
+
+def _force_answers(model, prompts, completions, *, answer_tokens: int, batch_size: int,
+                   progress: bool) -> dict[int, str]:
+    """Greedy answers after `reasoning + forcing suffix` for completions that never answered."""
+    fmt = model.format
+    todo = [k for k, text in enumerate(completions) if split_completion(text, fmt)[1] is None]
+    if not todo:
+        return {}
+    texts = [render_head(model.tokenizer, prompts[k], fmt) + split_completion(completions[k], fmt)[0]
+             + fmt.forcing_suffix for k in todo]
+    outs = continue_texts(model, texts, temperature=0, max_new_tokens=answer_tokens, batch_size=batch_size,
+                          progress=progress, desc="forcing answers")
+    tail = fmt.answer_suffix.strip()
+    answers = {}
+    for k, out in zip(todo, outs, strict=True):
+        ans = out.split("\n")[0]
+        if tail and tail in ans:
+            ans = ans[: ans.index(tail)]
+        answers[k] = ans.strip()
+    return answers

@@ -57,3 +57,27 @@ def test_generate_trajectories_graded(tiny_model):
     for t in trajs:  # an untrained model: malformed answers are flagged, never crash
         if t.extra.get("malformed"):
             assert t.correct is False and t.answer == ""
+
+
+def test_forced_answer_is_the_greedy_continuation_after_the_suffix(tiny_model):
+    from hooks.generate import continue_texts
+    from traces.formats import render_head
+
+    probs = [{"id": "a", "prompt": PROMPTS[0], "gold": "6"}, {"id": "b", "prompt": PROMPTS[1], "gold": "3"}]
+    plain = generate_trajectories(tiny_model, probs, 2, max_new_tokens=6, seed=0, batch_size=4)
+    forced = generate_trajectories(tiny_model, probs, 2, max_new_tokens=6, seed=0, batch_size=4,
+                                   force_answer=True, answer_tokens=3)
+    assert [t.reasoning for t in plain] == [t.reasoning for t in forced]  # same samples
+    n_forced = 0
+    for p, f in zip(plain, forced, strict=True):
+        assert not f.extra.get("malformed")
+        if p.extra.get("malformed"):
+            n_forced += 1
+            assert f.extra["forced_answer"] is True
+            head = render_head(tiny_model.tokenizer, f.prompt, tiny_model.format)
+            want = continue_texts(tiny_model, [head + f.reasoning + tiny_model.format.forcing_suffix],
+                                  temperature=0, max_new_tokens=3)[0].split("\n")[0].strip()
+            assert f.answer == want
+        else:
+            assert f.answer == p.answer and "forced_answer" not in f.extra
+    assert n_forced > 0, "an untrained model with 6 new tokens should rarely answer by itself"
