@@ -23,15 +23,15 @@ from traces.trajectory import Trajectory
 def _flexible(text: str) -> re.Pattern:
     """A pattern matching `text` with any run of whitespace where it has whitespace (or none)."""
     parts = [re.escape(p) for p in text.split()]
-    return re.compile(r"\s*".join(parts)) if parts else re.compile(r"(?!)")
+    return re.compile(r"\s*".join(parts), re.IGNORECASE) if parts else re.compile(r"(?!)")
 
 
 def split_completion(text: str, fmt: PromptFormat) -> tuple[str, str | None]:
     """(reasoning, answer) of a completion; answer is None when the forcing suffix is absent.
 
     The reasoning is everything before the first occurrence of ``fmt.forcing_suffix``
-    (matched exactly, else with flexible whitespace); the answer is what follows, with
-    ``fmt.answer_suffix`` and surrounding whitespace trimmed.
+    (matched exactly, else with flexible whitespace and case); the answer is what follows, up
+    to ``fmt.answer_suffix`` (or, for formats without one, to the end of its first line).
     """
     suffix = fmt.forcing_suffix
     i = text.find(suffix) if suffix else -1
@@ -45,6 +45,8 @@ def split_completion(text: str, fmt: PromptFormat) -> tuple[str, str | None]:
     tail = fmt.answer_suffix.strip()
     if tail and tail in rest:
         rest = rest[: rest.index(tail)]
+    elif not tail:  # no closing marker: the answer is its first line
+        rest = rest.strip().split("\n")[0]
     return reasoning.strip(), rest.strip()
 
 

@@ -21,6 +21,10 @@ def test_split_completion_plain_and_flexible():
     assert split_completion("3 + 4 = 7 ;A  7", FMT) == ("3 + 4 = 7", "7")
     assert split_completion("3 + 4 = 7 so", FMT) == ("3 + 4 = 7 so", None)
     assert split_completion("think\nAnswer: 42", PLAIN) == ("think", "42")
+    # a chat model's own capitalisation, and chatter after the answer line
+    from traces.formats import CHAT
+
+    assert split_completion("6 + 15 = 21\nFinal Answer: 21\n\nI checked it.", CHAT) == ("6 + 15 = 21", "21")
 
 
 @pytest.fixture(scope="module")
