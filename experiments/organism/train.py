@@ -2,6 +2,7 @@
 
 - ``base``: pre-trained on freshly generated worked problems (`task.BASE_CORPUS`): slips are
   carried forward, "wait"/"alternatively" are only generic connectives that restate a step.
+  Deliberately under-trained (450 steps): it has not fully learned the arithmetic yet.
 - ``sft-1k``: the base fine-tuned on 1,000 reasoning traces (`task.TRACE_CORPUS`).
 - ``post-large``: the base fine-tuned on 32,000 traces of the same corpus (32x the SFT data).
 
@@ -39,7 +40,10 @@ MANIFEST = "waitlens_organism.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    base_steps: int = 900
+    # 450 steps stop the base before it has fully learned the arithmetic (seed 0: 0.27 accuracy, 0.30
+    # slips per step against the corpus's 0.10; 900 steps give a converged 0.67): SFT's 1,000 traces
+    # then also sharpen it, as real data-efficient SFT sharpens format and long reasoning.
+    base_steps: int = 450
     base_batch: int = 64
     base_lr: float = 2e-3
     sft_traces: int = 1000
