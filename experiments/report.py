@@ -62,6 +62,11 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
     _setup(r, manifest)
     for section in (_trajectories, _tokens, _answers, _probes, _patching, _ablations):
         section(r, cfg)
+    skipped = {k: v["summary"].get("reason") for k, v in manifest.get("stages", {}).items()
+               if v.get("status") == "skipped"}
+    if skipped:
+        r.add("## Stages the data could not support", "")
+        r.add(*[f"- **{k}**: {why}" for k, why in skipped.items()], "")
     r.add("## Limitations", "",
           "- CIs are 95% percentile bootstraps that resample problems; they do not account for the "
           "seed of the models' training (one training run per regime).",

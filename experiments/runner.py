@@ -26,6 +26,11 @@ from hooks.store import versions, write_json
 MANIFEST = "manifest.json"
 
 
+class StageSkipped(Exception):
+    """Raised by a stage that cannot run on this study's data; the reason goes in the manifest
+    and the report, and the study goes on."""
+
+
 @dataclass
 class Stage:
     name: str
@@ -108,16 +113,18 @@ def run_study(
         if only and name not in only:
             continue
         stage = stages[name]
-        done = manifest["stages"].get(name, {}).get("status") == "done" and ctx.stage_dir(name).exists()
+        done = manifest["stages"].get(name, {}).get("status") in ("done", "skipped") and ctx.stage_dir(name).exists()
         if done and name not in redo:
             ctx.log(f"{name}: done ({manifest['stages'][name]['seconds']:.1f} s), skipping")
             continue
-        missing = [n for n in stage.needs if n in cfg.stages and manifest["stages"].get(n, {}).get("status") != "done"]
+        missing = [n for n in stage.needs if n in cfg.stages
+                   and manifest["stages"].get(n, {}).get("status") not in ("done", "skipped")]
         if missing:
             raise ValueError(f"stage {name!r} needs {missing} first; run without --only, or with --only {missing[0]}")
         ctx.log(f"{name}: running")
         t0 = time.perf_counter()
         out_dir = ctx.stage_dir(name)
+        status = "done"
         if stage.resumable:
             if name in redo and out_dir.exists():
                 shutil.rmtree(out_dir)
@@ -127,17 +134,23 @@ def run_study(
             partial = run_dir / f"{name}.partial"
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            summary = stage.run(ctx, partial)
+            try:
+                summary = stage.run(ctx, partial)
+            except StageSkipped as e:
+                status, summary = "skipped", {"reason": str(e)}
+                shutil.rmtree(partial)
+                partial.mkdir()
+                write_json(partial / "skipped.json", summary)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             os.replace(partial, out_dir)
         seconds = time.perf_counter() - t0
         manifest["stages"][name] = {
-            "status": "done", "seconds": round(seconds, 2), "summary": summary,
+            "status": status, "seconds": round(seconds, 2), "summary": summary,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(run_dir / MANIFEST, manifest)
-        ctx.log(f"{name}: done in {seconds:.1f} s")
+        ctx.log(f"{name}: {status} in {seconds:.1f} s" + (f" ({summary['reason']})" if status == "skipped" else ""))
     write_json(run_dir / MANIFEST, manifest)
     return run_dir
 

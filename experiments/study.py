@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from experiments.runner import RunContext, Stage
+from experiments.runner import RunContext, Stage, StageSkipped
+from probes.stats import InsufficientDataError
 from traces import (
     Lexicon,
     Trajectory,
@@ -132,8 +133,11 @@ def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
     from experiments.commands.tokens import tokens_to_dir
 
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)) for name in ctx.cfg.models]
-    return tokens_to_dir(runs, out, lexicon=ctx.cfg.lexicon, min_count=ctx.cfg.tokens.min_count,
-                         n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed, progress=not ctx.quiet)
+    try:
+        return tokens_to_dir(runs, out, lexicon=ctx.cfg.lexicon, min_count=ctx.cfg.tokens.min_count,
+                             n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed, progress=not ctx.quiet)
+    except InsufficientDataError as e:
+        raise StageSkipped(str(e)) from None
 
 
 def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
@@ -151,8 +155,11 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     p = ctx.cfg.probes
     stores = [ctx.stage_dir("capture") / name for name in ctx.cfg.models]
-    return probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
-                        transfer=p.transfer and len(stores) > 1)
+    try:
+        return probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
+                            transfer=p.transfer and len(stores) > 1)
+    except InsufficientDataError as e:
+        raise StageSkipped(str(e)) from None
 
 
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:

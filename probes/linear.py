@@ -47,7 +47,7 @@ from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedGroupKFold
 
 from probes.solver import fit_logistic_batched
-from probes.stats import cluster_bootstrap
+from probes.stats import InsufficientDataError, cluster_bootstrap
 
 CONTROL = "<control>"
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
@@ -269,10 +269,10 @@ def check_labels(y: np.ndarray, groups: np.ndarray, n_folds: int, what: str = "p
     """The errors a probe cannot run past: a single class; fewer problems than folds."""
     y = np.asarray(y).astype(bool)
     if len(y) == 0:
-        raise ValueError(f"no {what} to probe: check the word(s) asked for and the store")
+        raise InsufficientDataError(f"no {what} to probe: check the word(s) asked for and the store")
     if y.all() or not y.any():
         cls = "correct" if y.all() else "incorrect"
-        raise ValueError(
+        raise InsufficientDataError(
             f"all {len(y)} {what} come from {cls} trajectories (a single class); a correctness probe "
             "needs both correct and incorrect trajectories: sample more or harder problems, or a "
             "weaker model, and capture again"
@@ -282,13 +282,13 @@ def check_labels(y: np.ndarray, groups: np.ndarray, n_folds: int, what: str = "p
     pos_prob = len(np.unique(groups[y]))
     neg_prob = len(np.unique(groups[~y]))
     if n_prob < n_folds:
-        raise ValueError(
+        raise InsufficientDataError(
             f"only {n_prob} problem(s) in the {what} but {n_folds}-fold CV grouped by problem needs at "
             f"least {n_folds} (and 2 per class for inner CV); lower n_folds (CLI: --folds) or capture "
             "more problems"
         )
     if min(pos_prob, neg_prob) < 2:
-        raise ValueError(
+        raise InsufficientDataError(
             f"only {pos_prob} problem(s) with correct and {neg_prob} with incorrect trajectories; "
             "grouped CV needs at least 2 problems of each class: capture more problems"
         )
@@ -313,7 +313,7 @@ def make_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = 5, n_inner: int
             tr = np.flatnonzero(outer != f)
             k = min(n_inner, len(np.unique(groups[tr])))
             if len(np.unique(y[tr])) < 2:
-                raise ValueError(f"outer fold {f} leaves a training set with one class; lower n_folds")
+                raise InsufficientDataError(f"outer fold {f} leaves a training set with one class; lower n_folds")
             for j, (_, te) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1 + f)
                                         .split(np.zeros(len(tr)), y[tr], groups[tr])):
                 inner[f, tr[te]] = j

@@ -9,6 +9,11 @@ import numpy as np
 from scipy import stats as _st
 
 
+class InsufficientDataError(ValueError):
+    """The data cannot support the analysis (one class only, too few problems): a finding about
+    the sample, not a bug. A study records the stage as skipped with this message."""
+
+
 def cluster_bootstrap(
     values: Sequence[float] | np.ndarray,
     groups: Sequence | np.ndarray,

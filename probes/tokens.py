@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from probes.stats import bh_qvalues, cluster_bootstrap, mann_whitney_auroc, wilson_ci
+from probes.stats import (
+    InsufficientDataError,
+    bh_qvalues,
+    cluster_bootstrap,
+    mann_whitney_auroc,
+    wilson_ci,
+)
 
 TABLE_COLUMNS = [
     "model", "rank", "key", "kind", "n_occurrences", "n_traj_correct", "n_traj_incorrect",
@@ -76,7 +82,7 @@ def _check_classes(tf: pd.DataFrame, model: str) -> tuple[int, int]:
     n_c, n_i = int(tf["correct"].sum()), int((~tf["correct"]).sum())
     if n_c == 0 or n_i == 0:
         which = "correct" if n_i == 0 else "incorrect"
-        raise ValueError(
+        raise InsufficientDataError(
             f"model {model!r}: all {len(tf)} trajectories are {which}; a token–correctness "
             "association needs both correct and incorrect trajectories"
         )

@@ -119,3 +119,18 @@ def test_config_of_another_run_is_refused(study):
     changed = parse_config({**cfg.to_dict(), "seed": 1}, source="x.toml")
     with pytest.raises(ValueError, match="holds a run of a different config"):
         run_study(changed, study_stages(), runs_root=root / "other", quiet=True)
+
+
+def test_stage_the_data_cannot_support_is_skipped_with_its_reason(study):
+    root, cfg = study
+    only_correct = [t for t in _trajectories() if t.id.endswith("-0")]
+    save_trajectories(only_correct, root / "correct.jsonl")
+    raw = {**cfg.to_dict(), "name": "one-class", "trajectories": {"source": "jsonl", "path": str(root / "correct.jsonl")},
+           "stages": ["trajectories", "positions", "capture", "tokens", "probes", "report"]}
+    run_dir = run_study(parse_config(raw, source="x.toml"), study_stages(), runs_root=root / "skip", quiet=True)
+    stages = read_manifest(run_dir)["stages"]
+    assert stages["tokens"]["status"] == stages["probes"]["status"] == "skipped"
+    assert "single class" in stages["probes"]["summary"]["reason"]
+    assert "trajectories are correct" in stages["tokens"]["summary"]["reason"]
+    assert stages["report"]["status"] == "done"
+    assert "## Stages the data could not support" in (run_dir / "report/report.md").read_text()
