@@ -11,12 +11,14 @@ from probes.linear import (
     make_folds,
     shuffle_labels,
 )
-from probes.patching import summarize_ablations, summarize_patches, wait_vs_random  # noqa: F401
-from probes.tokens import TokenTable, compare_regimes, token_table, wait_distribution  # noqa: F401
+from probes.patching import summarize_ablations, summarize_patches, wait_vs_random
+from probes.stats import InsufficientDataError, bh_qvalues, cluster_bootstrap, wilson_ci
+from probes.tokens import TokenTable, compare_regimes, token_table, wait_distribution
 from probes.transfer import TransferResult, probe_cosines, transfer_matrix
 
 __all__ = [
     "CSV_COLUMNS", "LinearProbe", "ProbeResult", "TransferResult", "auroc", "expected_calibration_error",
     "fit_layer_probes", "load_probe_data", "make_folds", "probe_cosines", "shuffle_labels", "transfer_matrix",
-    "summarize_ablations", "summarize_patches", "wait_vs_random",
+    "summarize_ablations", "summarize_patches", "wait_vs_random", "TokenTable", "compare_regimes", "token_table",
+    "wait_distribution", "InsufficientDataError", "bh_qvalues", "cluster_bootstrap", "wilson_ci",
 ]
