@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.figures:
         dest = Path(args.figures)
         dest.mkdir(parents=True, exist_ok=True)
-        pngs = sorted(run_dir.glob("*/*.png")) + sorted(run_dir.glob("*/*/*.png"))
+        pngs = sorted(p for p in run_dir.glob("*/*.png") if p.parent.name != "report")  # the report holds copies
         for png in pngs:
             stage = png.relative_to(run_dir).parts[0]
             shutil.copy2(png, dest / f"{stage}_{png.name}")
