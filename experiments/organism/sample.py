@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from experiments.organism.task import Problem, analyze, random_problem
+from probes.stats import wilson_ci
 from traces.trajectory import Trajectory
 
 
@@ -92,17 +93,6 @@ def add_truth(t: Trajectory, problem: Problem) -> Trajectory:
 
 
 # ---------------------------------------------------------------------------------------------
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    """(estimate, low, high) of a proportion with the Wilson score interval."""
-    if n == 0:
-        return (float("nan"), float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (p, max(0.0, c - h), min(1.0, c + h))
-
-
 def evaluate(trajs: list[Trajectory]) -> dict[str, Any]:
     """The organism's eval table: each metric as {value, low, high, k, n} (95% CIs)."""
     n = len(trajs)
@@ -119,7 +109,7 @@ def evaluate(trajs: list[Trajectory]) -> dict[str, Any]:
                 slip_followed.append(j + 1 < len(st) and st[j + 1]["kind"] == "wait")
 
     def prop(k, m):
-        v, lo, hi = wilson(k, m)
+        v, lo, hi = wilson_ci(int(k), int(m))
         return {"value": v, "low": lo, "high": hi, "k": int(k), "n": int(m)}
 
     after = [w for w in waits if w["after_slip"]]
