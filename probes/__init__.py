@@ -1,17 +1,10 @@
 """probes: learning and statistics on what hooks/ produced — no forward passes here."""
 
-from probes.linear import (
-    CSV_COLUMNS,
-    LinearProbe,
-    ProbeResult,
-    auroc,
-    expected_calibration_error,
-    fit_layer_probes,
-    load_probe_data,
-    make_folds,
-    shuffle_labels,
-)
+from probes.folds import make_folds, shuffle_labels
+from probes.linear import CSV_COLUMNS, LinearProbe, ProbeResult, fit_layer_probes
+from probes.metrics import auroc, expected_calibration_error
 from probes.patching import summarize_ablations, summarize_patches, wait_vs_random
+from probes.probe_data import load_probe_data
 from probes.stats import InsufficientDataError, bh_qvalues, cluster_bootstrap, wilson_ci
 from probes.tokens import TokenTable, compare_regimes, token_table, wait_distribution
 from probes.transfer import TransferResult, probe_cosines, transfer_matrix

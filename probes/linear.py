@@ -31,7 +31,6 @@ solve (`probes.solver`); there is no per-layer loop.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -43,13 +42,13 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedGroupKFold
 
+from probes.folds import Folds, check_labels, make_folds, shuffle_labels
+from probes.metrics import auroc, auroc_ci, expected_calibration_error, paired_auroc_difference
+from probes.probe_data import CONTROL, ProbeData, load_probe_data, match_controls, words_list
 from probes.solver import fit_logistic_batched
-from probes.stats import InsufficientDataError, cluster_bootstrap
 
-CONTROL = "<control>"
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
 CSV_COLUMNS = [
     "model", "word", "layer", "auroc", "auroc_lo", "auroc_hi", "accuracy", "ece",
@@ -65,281 +64,6 @@ POSITION_FEATURES = ("frac", "rel_index", "n_reasoning_tokens")
 
 
 # -- metrics ----------------------------------------------------------------------------------
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC-AUC (ties count one half); NaN when only one class is present."""
-    labels = np.asarray(labels).astype(bool)
-    n1 = int(labels.sum())
-    n0 = len(labels) - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(scores)
-    return float((r[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
-    """ECE with `n_bins` equal-width bins on [0, 1]: sum_b (n_b / n) |mean(y_b) - mean(p_b)|."""
-    y = np.asarray(labels, dtype=float)
-    p = np.asarray(probs, dtype=float)
-    if len(p) == 0:
-        return float("nan")
-    b = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
-    count = np.bincount(b, minlength=n_bins)
-    gap = np.abs(np.bincount(b, y, n_bins) - np.bincount(b, p, n_bins))
-    return float(gap.sum() / len(p)) if count.sum() else float("nan")
-
-
-def _auroc_dense(rank: np.ndarray, labels: np.ndarray, n_ranks: int) -> float:
-    """AUROC from precomputed dense score ranks (0..n_ranks-1), ties counting one half: a
-    counting sort, so a bootstrap resample costs O(n) instead of a sort."""
-    lab = labels.astype(bool)
-    n1 = int(lab.sum())
-    n0 = len(lab) - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rank.astype(np.int64)
-    neg = np.bincount(r[~lab], minlength=n_ranks)
-    below = np.cumsum(neg) - neg
-    rp = r[lab]
-    return float((below[rp].sum() + 0.5 * neg[rp].sum()) / (n1 * n0))
-
-
-def _dense(scores) -> tuple[np.ndarray, int]:
-    uniq, inv = np.unique(np.asarray(scores, dtype=float), return_inverse=True)
-    return inv.astype(float), len(uniq)
-
-
-def auroc_ci(labels, scores, groups, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """(AUROC, lo, hi): 95% CI from `cluster_bootstrap` resampling whole problems."""
-    rank, R = _dense(scores)
-    return cluster_bootstrap(np.c_[rank, labels], groups, lambda v: _auroc_dense(v[:, 0], v[:, 1], R),
-                             n_boot=n_boot, seed=seed)
-
-
-def paired_auroc_difference(labels_a, scores_a, groups_a, labels_b, scores_b, groups_b, *,
-                            n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """(AUROC_a - AUROC_b, lo, hi), resampling problems jointly for both (a paired bootstrap)."""
-    ra, Ra = _dense(scores_a)
-    rb, Rb = _dense(scores_b)
-    v = np.r_[np.c_[ra, labels_a, np.zeros(len(ra))], np.c_[rb, labels_b, np.ones(len(rb))]]
-    g = np.r_[np.asarray(groups_a, dtype=object), np.asarray(groups_b, dtype=object)].astype(str)
-
-    def diff(v):
-        a = v[:, 2] == 0
-        return _auroc_dense(v[a, 0], v[a, 1], Ra) - _auroc_dense(v[~a, 0], v[~a, 1], Rb)
-
-    return cluster_bootstrap(v, g, diff, n_boot=n_boot, seed=seed)
-
-
-# -- data in ----------------------------------------------------------------------------------
-@dataclass
-class ProbeData:
-    """States [n, layer, d] (float32 numpy), their metadata, layer numbers and model name."""
-
-    states: np.ndarray
-    metadata: pd.DataFrame
-    layers: list[int]
-    model: str
-
-
-def _as_numpy(states) -> np.ndarray:
-    if isinstance(states, torch.Tensor):
-        states = states.detach().cpu().float().numpy()
-    states = np.asarray(states, dtype=np.float32)
-    if states.ndim == 2:
-        states = states[:, None, :]
-    if states.ndim != 3:
-        raise ValueError(f"states must be [n_positions, n_layers, d_model], got shape {states.shape}")
-    return states
-
-
-def load_probe_data(source, metadata: pd.DataFrame | None = None, *, words=None, layers=None,
-                    model: str | None = None, allow_mixed: bool = False,
-                    include_controls: bool = True) -> ProbeData:
-    """States and metadata from a store directory, an `ActivationStore`, or (states, metadata).
-
-    Reads the store once, only the rows needed (the words asked for, plus control rows),
-    only the layers asked for. Checks that the positions come from one model: metadata with
-    several `model` values is an error unless `model=` picks one or `allow_mixed=True`.
-    """
-    if isinstance(source, tuple) and metadata is None:
-        source, metadata = source
-    if isinstance(source, (str, os.PathLike)):
-        from hooks.store import ActivationStore
-
-        source = ActivationStore(Path(source))
-    if metadata is None:  # a store
-        meta = source.metadata.reset_index(drop=True)
-        store_layers = list(source.layers)
-        keep = _row_filter(meta, words, include_controls)
-        model_name = str(getattr(source, "model", "") or "")
-        meta, keep, model_name = _check_models(meta, keep, model, allow_mixed, model_name, str(source.path))
-        rows = np.flatnonzero(keep)
-        use_layers = store_layers if layers is None else [int(x) for x in layers]
-        states = _as_numpy(source.states(layers=use_layers, rows=rows))
-        return ProbeData(states, meta.iloc[rows].reset_index(drop=True), use_layers, model_name)
-    states = _as_numpy(source)
-    meta = metadata.reset_index(drop=True)
-    if len(meta) != states.shape[0]:
-        raise ValueError(f"metadata has {len(meta)} rows but states has {states.shape[0]}")
-    all_layers = list(range(states.shape[1]))
-    if layers is not None:
-        layers = [int(x) for x in layers]
-        bad = [x for x in layers if x not in all_layers]
-        if bad:
-            raise ValueError(f"layer(s) {bad} not in states with {states.shape[1]} layers")
-        states = states[:, layers]
-    keep = _row_filter(meta, words, include_controls)
-    meta, keep, model_name = _check_models(meta, keep, model, allow_mixed, "", "the metadata")
-    rows = np.flatnonzero(keep)
-    return ProbeData(states[rows], meta.iloc[rows].reset_index(drop=True),
-                     list(layers) if layers is not None else all_layers, model_name)
-
-
-def _words_list(words) -> list[str] | None:
-    if words is None:
-        return None
-    words = [words] if isinstance(words, str) else list(words)
-    return None if "all" in words else [w.lower() for w in words]
-
-
-def _row_filter(meta: pd.DataFrame, words, include_controls: bool) -> np.ndarray:
-    missing = [c for c in ("trajectory_id", "problem_id", "word", "correct") if c not in meta.columns]
-    if missing:
-        raise ValueError(f"metadata lacks column(s) {missing}; a probe needs trajectory_id, problem_id, word, correct")
-    w = meta["word"].astype(str).str.lower()
-    wl = _words_list(words)
-    keep = (w != CONTROL) if wl is None else w.isin(wl)
-    if include_controls:
-        keep |= w == CONTROL
-    return keep.to_numpy(dtype=bool)
-
-
-def _check_models(meta, keep, model, allow_mixed, default, where):
-    if "model" not in meta.columns:
-        return meta, keep, model or default
-    names = sorted(meta.loc[keep, "model"].astype(str).unique())
-    if model is not None:
-        if model not in names:
-            raise ValueError(f"model {model!r} not in {where}; it holds {names}")
-        keep = keep & (meta["model"].astype(str) == model).to_numpy()
-        return meta, keep, model
-    if len(names) > 1 and not allow_mixed:
-        raise ValueError(
-            f"{where} mixes positions from {len(names)} models {names}; a probe over mixed states "
-            "learns which model a state came from. Pass model=NAME (CLI: --model NAME) to probe one "
-            "of them, or allow_mixed=True (CLI: --allow-mixed) if mixing is what you mean"
-        )
-    return meta, keep, (names[0] if len(names) == 1 else "+".join(names)) or default
-
-
-# -- folds ------------------------------------------------------------------------------------
-@dataclass
-class Folds:
-    """Outer fold of every row (problem-grouped) and, per outer fold (+1 for 'all rows'),
-    the inner fold of every training row (-1 = not a training row of that outer fold)."""
-
-    outer: np.ndarray  # [n]
-    inner: np.ndarray  # [n_folds + 1, n]
-    n_folds: int
-    n_inner: int
-    problems: np.ndarray | None = None
-
-    def problem_map(self, problems: np.ndarray) -> tuple[dict, list[dict]]:
-        """problem -> outer fold, and per outer fold problem -> inner fold."""
-        outer = dict(zip(problems, self.outer, strict=True))
-        inner = []
-        for f in range(self.n_folds + 1):
-            m = self.inner[f] >= 0
-            inner.append(dict(zip(problems[m], self.inner[f][m], strict=True)))
-        return outer, inner
-
-    def apply(self, problems: np.ndarray) -> Folds:
-        """The same problem-level split for other rows (e.g. control positions)."""
-        pm, inner = self.problem_map(self.problems)
-        problems = np.asarray(problems).astype(str)
-        unknown = sorted(set(problems) - set(pm))
-        if unknown:
-            raise ValueError(f"{len(unknown)} problem(s) not in the probe's rows, e.g. {unknown[:3]}")
-        outer = np.array([pm[p] for p in problems])
-        inn = np.array([[im.get(p, -1) for p in problems] for im in inner]).reshape(self.n_folds + 1, -1)
-        return Folds(outer, inn, self.n_folds, self.n_inner, problems)
-
-
-def check_labels(y: np.ndarray, groups: np.ndarray, n_folds: int, what: str = "positions") -> None:
-    """The errors a probe cannot run past: a single class; fewer problems than folds."""
-    y = np.asarray(y).astype(bool)
-    if len(y) == 0:
-        raise InsufficientDataError(f"no {what} to probe: check the word(s) asked for and the store")
-    if y.all() or not y.any():
-        cls = "correct" if y.all() else "incorrect"
-        raise InsufficientDataError(
-            f"all {len(y)} {what} come from {cls} trajectories (a single class); a correctness probe "
-            "needs both correct and incorrect trajectories: sample more or harder problems, or a "
-            "weaker model, and capture again"
-        )
-    groups = np.asarray(groups)
-    n_prob = len(np.unique(groups))
-    pos_prob = len(np.unique(groups[y]))
-    neg_prob = len(np.unique(groups[~y]))
-    if n_prob < n_folds:
-        raise InsufficientDataError(
-            f"only {n_prob} problem(s) in the {what} but {n_folds}-fold CV grouped by problem needs at "
-            f"least {n_folds} (and 2 per class for inner CV); lower n_folds (CLI: --folds) or capture "
-            "more problems"
-        )
-    if min(pos_prob, neg_prob) < 2:
-        raise InsufficientDataError(
-            f"only {pos_prob} problem(s) with correct and {neg_prob} with incorrect trajectories; "
-            "grouped CV needs at least 2 problems of each class: capture more problems"
-        )
-
-
-def make_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = 5, n_inner: int = 3,
-               seed: int = 0) -> Folds:
-    """Outer StratifiedGroupKFold by problem, and a grouped inner split inside every outer
-    training set (and inside all rows, for the final probe)."""
-    y = np.asarray(y).astype(int)
-    groups = np.asarray(groups).astype(str)
-    check_labels(y, groups, n_folds)
-    n = len(y)
-    outer = np.full(n, -1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*least populated class.*")
-        for f, (_, te) in enumerate(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
-                                    .split(np.zeros(n), y, groups)):
-            outer[te] = f
-        inner = np.full((n_folds + 1, n), -1)
-        for f in range(n_folds + 1):
-            tr = np.flatnonzero(outer != f)
-            k = min(n_inner, len(np.unique(groups[tr])))
-            if len(np.unique(y[tr])) < 2:
-                raise InsufficientDataError(f"outer fold {f} leaves a training set with one class; lower n_folds")
-            for j, (_, te) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1 + f)
-                                        .split(np.zeros(len(tr)), y[tr], groups[tr])):
-                inner[f, tr[te]] = j
-    return Folds(outer, inner, n_folds, n_inner, groups)
-
-
-def shuffle_labels(y: np.ndarray, units: np.ndarray, seed: int = 0,
-                   strata: np.ndarray | None = None) -> np.ndarray:
-    """Labels permuted across `units` (trajectories): every row of a unit gets one label,
-    drawn by permuting the units' labels, within each stratum when `strata` (one value per
-    row, constant within a unit — e.g. the outer fold) is given, so every stratum keeps its
-    class balance exactly."""
-    y = np.asarray(y).astype(int)
-    uniq, first, inv = np.unique(np.asarray(units).astype(str), return_index=True, return_inverse=True)
-    unit_label = np.zeros(len(uniq), dtype=int)
-    unit_label[inv] = y  # the label of a unit (constant within a trajectory)
-    unit_stratum = np.zeros(len(uniq), dtype=int) if strata is None else np.asarray(strata)[first]
-    rng = np.random.default_rng(seed)
-    perm = unit_label.copy()
-    for s in np.unique(unit_stratum):
-        idx = np.flatnonzero(unit_stratum == s)
-        perm[idx] = unit_label[rng.permutation(idx)]
-    return perm[inv]
-
-
-# -- the cross-validated fit ------------------------------------------------------------------
 @contextmanager
 def _torch_threads(n: int | None):
     if n is None:
@@ -448,35 +172,6 @@ def cross_validate(
     return CVFit(oof, C_chosen, coef, intercept, info)
 
 
-def match_controls(meta: pd.DataFrame, word_rows: np.ndarray, control_rows: np.ndarray) -> np.ndarray:
-    """For every word row, a control row of the same trajectory at the nearest `frac`
-    (without reuse while unused ones remain). Returns control row indices (-1: none)."""
-    out = np.full(len(word_rows), -1)
-    tid = meta["trajectory_id"].astype(str).to_numpy()
-    frac = meta["frac"].to_numpy(dtype=float)
-    ctl_by_t: dict[str, list[int]] = {}
-    for r in control_rows:
-        ctl_by_t.setdefault(tid[r], []).append(r)
-    pos_of = {r: i for i, r in enumerate(word_rows)}
-    by_t: dict[str, list[int]] = {}
-    for r in word_rows:
-        by_t.setdefault(tid[r], []).append(r)
-    for t, rows in by_t.items():
-        cands = np.array(ctl_by_t.get(t, []), dtype=int)
-        if len(cands) == 0:
-            continue
-        used = np.zeros(len(cands), dtype=bool)
-        for r in rows:
-            dist = np.abs(frac[cands] - frac[r])
-            if (~used).any():
-                dist = np.where(used, np.inf, dist)
-            j = int(np.argmin(dist))
-            used[j] = True
-            out[pos_of[r]] = cands[j]
-    return out
-
-
-# -- the result -------------------------------------------------------------------------------
 @dataclass
 class ProbeResult:
     """Per-layer probe results for one model.
@@ -513,7 +208,7 @@ class ProbeResult:
 
 
 def _word_label(w) -> str:
-    wl = _words_list(w)
+    wl = words_list(w)
     return "all" if wl is None else "+".join(wl)
 
 
@@ -544,8 +239,8 @@ def fit_layer_probes(
     control pools `n_shuffles` permutations (they ride along in the batched final fit).
     """
     word_groups = [words] if isinstance(words, str) else list(words)
-    union = None if any(_words_list(w) is None for w in word_groups) else sorted(
-        {x for w in word_groups for x in _words_list(w)})
+    union = None if any(words_list(w) is None for w in word_groups) else sorted(
+        {x for w in word_groups for x in words_list(w)})
     data = load_probe_data(store, metadata, words=union if union is not None else "all", layers=layers,
                            model=model, allow_mixed=allow_mixed, include_controls=controls)
     tables, margins, oofs = [], [], []
@@ -582,7 +277,7 @@ def _labels(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, controls, n_boot,
                 seed, dtype, tol, n_shuffles):
     meta = data.metadata
-    wl = _words_list(w)
+    wl = words_list(w)
     word = _word_label(w)
     wcol = meta["word"].astype(str).str.lower()
     is_word = (wcol != CONTROL) if wl is None else wcol.isin(wl)

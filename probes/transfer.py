@@ -20,16 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from probes.linear import (
-    DEFAULT_CS,
-    ProbeData,
-    ProbeResult,
-    _torch_threads,
-    _word_label,
-    auroc_ci,
-    fit_layer_probes,
-    load_probe_data,
-)
+from probes.linear import DEFAULT_CS, ProbeResult, _torch_threads, _word_label, fit_layer_probes
+from probes.metrics import auroc_ci
+from probes.probe_data import ProbeData, load_probe_data
 
 TRANSFER_COLUMNS = ["train_model", "test_model", "word", "layer", "auroc", "auroc_lo", "auroc_hi",
                     "n_positions"]

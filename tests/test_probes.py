@@ -8,16 +8,9 @@ import pytest
 import torch
 
 from probes import linear
-from probes.linear import (
-    CSV_COLUMNS,
-    DEFAULT_CS,
-    auroc,
-    cross_validate,
-    expected_calibration_error,
-    fit_layer_probes,
-    make_folds,
-    shuffle_labels,
-)
+from probes.folds import make_folds, shuffle_labels
+from probes.linear import CSV_COLUMNS, DEFAULT_CS, cross_validate, fit_layer_probes
+from probes.metrics import auroc, expected_calibration_error
 from probes.synthetic import leaky_states, planted_states
 from probes.transfer import transfer_matrix
 

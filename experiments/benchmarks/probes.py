@@ -74,15 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     from hooks.store import ActivationStore, write_store
-    from probes.linear import (
-        DEFAULT_CS,
-        auroc,
-        cross_validate,
-        fit_layer_probes,
-        load_probe_data,
-        make_folds,
-        shuffle_labels,
-    )
+    from probes.folds import make_folds, shuffle_labels
+    from probes.linear import DEFAULT_CS, cross_validate, fit_layer_probes
+    from probes.metrics import auroc
+    from probes.probe_data import load_probe_data
     from probes.synthetic import planted_states
 
     per_traj = 5
