@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hooks.patching import _gold_version, correction_reads
+from hooks.patch_cases import correction_reads, gold_version
 from traces.lexicon import Lexicon
 from traces.trajectory import Trajectory
 
@@ -140,7 +140,7 @@ def ablate(model, trajectories: Sequence[Trajectory], kind: str, *, word: str = 
         neutral = neutral_word(model.tokenizer)
     rows, skipped = [], []
     for traj in tqdm(trajectories, desc=kind, disable=not progress):
-        gt = _gold_version(traj)
+        gt = gold_version(traj)
         edit = ablate_text(gt, kind, word=word, neutral=neutral or ";", separators=separators, seed=seed)
         if edit is None:
             skipped.append(traj.id)
