@@ -92,6 +92,7 @@ class PatchingConfig:
     metrics: list[str] = field(default_factory=lambda: ["kl", "gold_prob", "correction"])
     max_trajectories: int = 60
     attribution: bool = True
+    sampled: bool = True  # greedy continuations after patched waits that follow slips (needs organism truth)
     controls: bool = True
 
 

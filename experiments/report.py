@@ -233,6 +233,23 @@ def _patching(r: _Report, cfg: dict) -> None:
             r.add("Paired contrast, patched wait minus its patched random control (95% CI over problems; "
                   "no CI where fewer than two problems have that cell):", "")
             r.table(pd.DataFrame(rows))
+    if (d / "sampled_effects.csv").is_file():
+        s = pd.read_csv(d / "sampled_effects.csv")
+        rows = []
+        for direction, g in s.groupby("direction", sort=True):
+            clean = g[g["control"] == "clean"]
+            row = {"direction": direction, "unpatched": _row_ci(clean.iloc[0], v="rate") if len(clean) else "n/a",
+                   "n waits after slips": int(clean["n"].iloc[0]) if len(clean) else 0}
+            for control, label in (("none", "best patched cell (layer, rel pos)"),
+                                   ("random", "best random-control cell (layer, rel pos)")):
+                c = g[g["control"] == control]
+                if len(c):
+                    x = c.loc[c["rate"].idxmax()]
+                    row[label] = f"{_row_ci(x, v='rate')} ({int(x['layer'])}, {int(x['rel_pos']):+d})"
+            rows.append(row)
+        r.add("Sampled: after each wait that follows a slip, the patched target decodes greedily; the rate at "
+              "which it writes the corrected value (patches at the wait and before it):", "")
+        r.table(pd.DataFrame(rows))
     for m in ("correction", "gold_prob", "kl"):
         r.figure("patching", f"patch_heatmap_{m}.png", f"Patch effect on {m} (layer x position relative to the wait), per direction.")
     if (d / "attribution.csv").is_file():

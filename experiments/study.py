@@ -173,7 +173,8 @@ def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
     lo, hi = p.window
     return patch_to_dir(ctx.model(p.source), ctx.model(p.target), trajs, out, layers=p.layers,
                         window=f"{lo}:{hi}", metrics=p.metrics, both_directions=p.both_directions,
-                        control=p.controls, attribution=p.attribution, n_boot=ctx.cfg.tokens.n_boot,
+                        control=p.controls, attribution=p.attribution, sampled=p.sampled,
+                        n_boot=ctx.cfg.tokens.n_boot,
                         seed=ctx.cfg.seed, progress=not ctx.quiet,
                         manifest={"source": p.source, "target": p.target})
 

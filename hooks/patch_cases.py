@@ -80,7 +80,7 @@ def gold_version(traj: Trajectory) -> Trajectory:
     return dataclasses.replace(traj, answer=traj.gold)
 
 
-def _word_index(text: str, char: int) -> int:
+def word_index(text: str, char: int) -> int:
     return len(text[:char].split())
 
 
@@ -99,7 +99,7 @@ def correction_reads(model, traj: Trajectory, rd: Rendered, wait_char: int, wait
     truth = traj.extra.get("truth") if isinstance(traj.extra, dict) else None
     r0 = rd.reasoning_chars[0]
     if isinstance(truth, dict) and "steps" in truth:
-        w = _word_index(traj.reasoning, wait_char)
+        w = word_index(traj.reasoning, wait_char)
         wait = next((x for x in truth.get("waits", []) if x.get("word") == w), None)
         step = next((s for s in truth.get("steps", []) if s.get("kind") == "wait" and s.get("word") == w), None)
         if wait is None or step is None or not wait.get("after_slip"):

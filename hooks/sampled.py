@@ -12,7 +12,7 @@ with its KV cache (new tokens are never patched). Rows:
 - ``control="clean"``: the same greedy continuation without any patch (layer/rel_pos NA);
 - ``control="none"``: patched at the wait's window;
 - ``control="random"``: patched the same way around a non-discourse reasoning token drawn
-  before the wait (the random anchor `hooks.patching.prepare_cases` draws, same `seed`).
+  before the wait (the random anchor `hooks.patch_cases.prepare_cases` draws, same `seed`).
 
 Window cells outside the reasoning (before its first token) are skipped, as in
 `hooks.patching`. Each anchor's clean and patched continuations run as one batch (row 0
@@ -35,7 +35,8 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from hooks.patching import capture_resid_pre, prepare_cases
+from hooks.patch_cases import prepare_cases, word_index
+from hooks.patching import capture_resid_pre
 from hooks.points import hook_name, residual_hooks, resolve_layers
 from traces.trajectory import Trajectory
 
@@ -86,10 +87,6 @@ def organism_recheck_correct(continuation: str, wait: dict) -> tuple[bool, int |
 
 
 # ---------------------------------------------------------------------------------------------
-def _word_index(text: str, char: int) -> int:
-    return len(text[:char].split())
-
-
 @torch.inference_mode()
 def _greedy_batch(model, prefix: Sequence[int], patches: list[list[tuple[int, int, torch.Tensor]]],
                   max_new_tokens: int) -> list[list[int]]:
@@ -172,7 +169,7 @@ def sampled_corrections(source, target, trajectories: Sequence[Trajectory], *, l
         for g in groups.values():
             off = g["none"]
             char = trd.offsets[al.target_start + off][0] - trd.reasoning_chars[0]
-            wait = by_word.get(_word_index(traj.reasoning, char))
+            wait = by_word.get(word_index(traj.reasoning, char))
             if wait is None:  # a wait not after a slip
                 continue
             t_end = al.target_start + off + 1

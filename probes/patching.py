@@ -15,6 +15,7 @@ import pandas as pd
 from probes.stats import cluster_bootstrap
 
 PATCH_EFFECT_COLUMNS = ["direction", "control", "layer", "rel_pos", "metric", "mean", "lo", "hi", "n"]
+SAMPLED_EFFECT_COLUMNS = ["direction", "control", "layer", "rel_pos", "rate", "lo", "hi", "n"]
 ABLATION_COLUMNS = ["kind", "metric", "clean_mean", "ablated_mean", "mean", "lo", "hi", "n"]
 
 
@@ -74,6 +75,17 @@ def _pearson(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def summarize_sampled(table: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Rate of sampled continuations that correct the slip, per (direction, control, layer,
+    rel_pos) — control "clean" is the unpatched model — with a problem-clustered CI."""
+    rows = []
+    t = table.assign(layer=table["layer"].astype("float"), rel_pos=table["rel_pos"].astype("float"))
+    for k, g in t.groupby(["direction", "control", "layer", "rel_pos"], sort=True, dropna=False):
+        m, lo, hi, n = _boot(g["corrected"], g["problem_id"], n_boot, seed)
+        rows.append((*k, m, lo, hi, n))
+    return pd.DataFrame(rows, columns=SAMPLED_EFFECT_COLUMNS)
+
+
 def summarize_ablations(table: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per (kind, metric): clean and ablated means, and the mean effect (ablated − clean;
     for kl the KL itself) with a problem-clustered CI."""
@@ -86,5 +98,5 @@ def summarize_ablations(table: pd.DataFrame, *, n_boot: int = 1000, seed: int = 
     return pd.DataFrame(rows, columns=ABLATION_COLUMNS)
 
 
-__all__ = ["ABLATION_COLUMNS", "PATCH_EFFECT_COLUMNS", "attribution_agreement", "summarize_ablations",
-           "summarize_patches", "wait_vs_random"]
+__all__ = ["ABLATION_COLUMNS", "PATCH_EFFECT_COLUMNS", "SAMPLED_EFFECT_COLUMNS", "attribution_agreement",
+           "summarize_ablations", "summarize_patches", "summarize_sampled", "wait_vs_random"]

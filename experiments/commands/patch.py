@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--attribution", action="store_true",
                    help="also run attribution patching (correction, gold_prob) and its correlation with exact")
     p.add_argument("--one-way", action="store_true", help="only target <- source (default: both directions)")
+    p.add_argument("--sampled", action="store_true",
+                   help="also decode greedily after each patched wait that follows a slip (organism truth) "
+                   "and record whether the continuation writes the corrected value")
     p.add_argument("--no-control", action="store_true", help="skip the random-position control")
     _common(p)
     p.set_defaults(handler=run_patch)
@@ -88,7 +91,7 @@ def run_patch(args: argparse.Namespace) -> int:
     source, target = load_model(args.source, **kw), load_model(args.target, **kw)
     patch_to_dir(source, target, trajs, out, layers=args.layers, window=args.window, metrics=metrics,
                  word=args.word, both_directions=not args.one_way, control=not args.no_control,
-                 attribution=args.attribution, kl_positions=args.kl_positions, n_boot=args.n_boot,
+                 attribution=args.attribution, sampled=args.sampled, kl_positions=args.kl_positions, n_boot=args.n_boot,
                  seed=args.seed, progress=not args.quiet,
                  manifest={"source": args.source, "target": args.target, "trajectories": args.trajectories})
     return 0
@@ -96,7 +99,7 @@ def run_patch(args: argparse.Namespace) -> int:
 
 def patch_to_dir(source, target, trajs, out: Path, *, layers="all", window="-2:4",
                  metrics=("kl", "correction", "gold_prob"), word="wait", both_directions=True, control=True,
-                 attribution=False, kl_positions=8, n_boot=1000, seed=0, progress=True,
+                 attribution=False, sampled=False, kl_positions=8, n_boot=1000, seed=0, progress=True,
                  manifest: dict | None = None) -> dict:
     """Patch `source` -> `target` (and back), write tables and figures into `out`; returns a summary."""
     from experiments.plots import save_figure
@@ -138,10 +141,37 @@ def patch_to_dir(source, target, trajs, out: Path, *, layers="all", window="-2:4
         print(agree.to_string(index=False))
     elif attribution:
         print("attribution: no differentiable metric requested (kl has zero gradient at the clean run)")
+    if sampled:
+        summary["sampled"] = _sampled_to_dir(pairs, trajs, out, layers=layers, window=window, n_boot=n_boot, seed=seed,
+                                             progress=progress)
     (out / "patch_manifest.json").write_text(json.dumps(
         {**(manifest or {}), "info": dict(result.info)}, indent=2, default=str) + "\n")
     print(f"wrote {out / 'patch_effects.csv'} ({len(effects)} rows) and figures to {out}")
     return summary
+
+
+def _sampled_to_dir(pairs, trajs, out: Path, *, layers, window, n_boot, seed, progress) -> str:
+    """Greedy continuations after each patched wait that follows a slip (organism truth only):
+    does the patched model write the corrected value?"""
+    import pandas as pd
+
+    from hooks.patch_cases import parse_window
+    from hooks.sampled import sampled_corrections
+    from probes.patching import summarize_sampled
+
+    lo, _ = parse_window(window)
+    tables = []
+    for src, tgt in pairs:
+        try:
+            tables.append(sampled_corrections(src, tgt, trajs, layers=None if layers == "all" else layers,
+                                              rel_positions=tuple(range(lo, 1)), seed=seed, progress=progress))
+        except ValueError as e:  # no organism truth, or no wait after a slip: nothing to sample
+            print(f"sampled corrections: {e}; skipped")
+            return f"skipped: {e}"
+    table = pd.concat(tables, ignore_index=True)
+    table.to_csv(out / "sampled_rows.csv", index=False)
+    summarize_sampled(table, n_boot=n_boot, seed=seed).to_csv(out / "sampled_effects.csv", index=False)
+    return f"{int((table['control'] == 'clean').sum())} waits after slips per direction"
 
 
 def run_ablate(args: argparse.Namespace) -> int:
