@@ -71,3 +71,22 @@ def test_no_wait_after_a_slip_raises(sft, post, slip_trajs):
     stripped = [dataclasses.replace(t, extra={}) for t in slip_trajs]
     with pytest.warns(UserWarning, match="without organism truth"), pytest.raises(ValueError):
         sampled_corrections(post, sft, stripped)
+
+
+def test_summarize_sampled_rates_per_cell():
+    import pandas as pd
+
+    from probes.patching import SAMPLED_EFFECT_COLUMNS, summarize_sampled
+
+    t = pd.DataFrame({
+        "direction": ["a<-b"] * 6, "problem_id": ["p0", "p1", "p0", "p1", "p0", "p1"],
+        "control": ["clean", "clean", "none", "none", "random", "random"],
+        "layer": pd.array([None, None, 0, 0, 0, 0], dtype="Int64"),
+        "rel_pos": pd.array([None, None, 0, 0, -1, -1], dtype="Int64"),
+        "corrected": [0, 1, 1, 1, 0, 0],
+    })
+    s = summarize_sampled(t, n_boot=200)
+    assert list(s.columns) == SAMPLED_EFFECT_COLUMNS
+    rate = {c: r for c, r in zip(s["control"], s["rate"], strict=True)}
+    assert rate == {"clean": 0.5, "none": 1.0, "random": 0.0}
+    assert (s["n"] == 2).all()
