@@ -55,13 +55,15 @@ def organism_truth(traj: Trajectory) -> dict | None:
 
 
 def organism_slip_waits(traj: Trajectory) -> list[dict]:
-    """The waits after a slip, each with the slipped step's ``before``, ``op``, ``b`` and ``expected``."""
-    from experiments.organism.task import Problem
+    """The waits after a slip, each with the slipped step's ``before``, ``op``, ``b`` and ``expected``.
 
+    The operation is read from the slipped step as written (``a op b = v``, from its ``word``
+    index in the reasoning), so this layer needs nothing from the organism's code.
+    """
     truth = organism_truth(traj)
     if truth is None:
         return []
-    problem = Problem.parse_prompt(traj.prompt)
+    words = traj.reasoning.split()
     out = []
     for w in truth["waits"]:
         if not w.get("after_slip") or "word" not in w:
@@ -69,7 +71,10 @@ def organism_slip_waits(traj: Trajectory) -> list[dict]:
         step = next((s for s in truth["steps"] if s["kind"] == "step" and s["step"] == w["step"]), None)
         if step is None:
             continue
-        op, b = problem.ops[w["step"]]
+        eq = next((i for i in range(int(step["word"]), len(words)) if words[i] == "="), None)
+        if eq is None or eq < 2:  # the step's "a op b =" (its word index may be the separator before it)
+            continue
+        op, b = words[eq - 2], words[eq - 1]
         out.append({"word": int(w["word"]), "step": int(w["step"]), "before": int(step["before"]), "op": op,
                     "b": int(b), "expected": int(step["expected"])})
     return out
