@@ -3,12 +3,12 @@ word problems (for small real LMs), a JSONL file, or a Hugging Face dataset (onl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from experiments.config import TrajectoryConfig
+from traces.trajectory import iter_jsonl
 
 
 def load_problems(cfg: TrajectoryConfig, seed: int) -> list[dict]:
@@ -42,16 +42,8 @@ def arithmetic_problems(n: int, seed: int) -> list[dict]:
 
 
 def _jsonl_problems(path: Path, fields: dict, n: int) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"problem file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, row in iter_jsonl(path, "problem"):
         out.append(_pick(row, fields, f"{path}:{lineno}", len(out)))
         if len(out) >= n:
             break

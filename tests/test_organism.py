@@ -214,33 +214,14 @@ def test_planted_signal_post_large_waits_fix(shipped_eval):
 
 def test_capture_matches_full_forward_on_organism(tmp_path):
     """The foundation's capture equivalence on the organism: captured states == a full forward."""
-    import torch
-
     import hooks.capture as capture
     from experiments.organism.sample import sample
     from hooks.models import load_model
+    from tests.test_capture import check_against_full_forward
 
     model = load_model("organism:post-large")
     trajs = sample(model, 8, seed=3, progress=False)
     pos = find_positions(model, trajs, ["wait", "so", "therefore", "alternatively"])
     store = capture.capture_residuals(model, trajs, pos, tmp_path / "s", batch_size=4, progress=False)
-    states, meta = store.states(), store.metadata
-    worst = 0.0
-    for t in trajs:
-        rows = meta.index[meta["trajectory_id"] == t.id].to_numpy().copy()
-        if not len(rows):
-            continue
-        post, handles = {}, []
-        for layer, block in enumerate(model.blocks):
-            handles.append(block.register_forward_hook(
-                lambda m, a, o, layer=layer, post=post: post.__setitem__(layer, (o[0] if isinstance(o, tuple) else o).clone())))
-        try:
-            with torch.inference_mode():
-                model.hf(model.tokenize(t)[None])
-        finally:
-            for h in handles:
-                h.remove()
-        idx = torch.as_tensor(meta["token_index"].to_numpy()[rows].copy())
-        for j, layer in enumerate(store.layers):
-            worst = max(worst, (torch.as_tensor(states[rows, j]) - post[layer][0, idx]).abs().max().item())
-    assert len(meta) > 8 and worst <= 1e-4, worst
+    assert len(store.metadata) > 8
+    check_against_full_forward(model, trajs, store, "resid_post")  # within 1e-4, as for the other models

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,22 @@ class Trajectory:
         )
 
 
+def iter_jsonl(path: str | os.PathLike, what: str = "JSONL") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line; a line that is not JSON raises
+    `TrajectoryFileError` naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrajectoryFileError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def load_trajectories(path: str | os.PathLike, *, grade_missing: bool = True) -> list[Trajectory]:
     """Read a JSONL file of trajectories.
 
@@ -88,30 +104,21 @@ def load_trajectories(path: str | os.PathLike, *, grade_missing: bool = True) ->
     from traces.grading import grade
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"trajectory file not found: {path}")
     out: list[Trajectory] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrajectoryFileError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                traj = Trajectory.from_dict(obj)
-            except ValueError as e:
-                raise TrajectoryFileError(f"{path}:{lineno}: {e}") from None
-            if traj.id in seen:
-                raise TrajectoryFileError(
-                    f"{path}:{lineno}: duplicate trajectory id {traj.id!r} (first on line {seen[traj.id]})"
-                )
-            seen[traj.id] = lineno
-            if traj.correct is None and grade_missing:
-                traj.correct = grade(traj.answer, traj.gold)
-            out.append(traj)
+    for lineno, obj in iter_jsonl(path, "trajectory"):
+        try:
+            traj = Trajectory.from_dict(obj)
+        except ValueError as e:
+            raise TrajectoryFileError(f"{path}:{lineno}: {e}") from None
+        if traj.id in seen:
+            raise TrajectoryFileError(
+                f"{path}:{lineno}: duplicate trajectory id {traj.id!r} (first on line {seen[traj.id]})"
+            )
+        seen[traj.id] = lineno
+        if traj.correct is None and grade_missing:
+            traj.correct = grade(traj.answer, traj.gold)
+        out.append(traj)
     if not out:
         raise TrajectoryFileError(f"{path}: no trajectories in file")
     return out
