@@ -228,6 +228,7 @@ def fit_layer_probes(
     threads: int | None = None,
     dtype=torch.float64,
     tol: float = 1e-7,
+    label: str = "correct",
 ) -> ProbeResult:
     """Cross-validated linear probes for eventual correctness at every layer.
 
@@ -237,6 +238,9 @@ def fit_layer_probes(
     e.g. ``["wait", "so", "all"]``. Controls (random positions, shuffled labels, position
     baseline) are fitted with the same folds when `controls` is true; the shuffled-label
     control pools `n_shuffles` permutations (they ride along in the batched final fit).
+    label: the metadata column to predict (boolean; rows where it is missing are left out):
+    ``"correct"`` by default, or any other per-position fact, e.g. the organism's
+    ``after_slip`` (probe *what the states encode*, not only what they predict).
     """
     word_groups = [words] if isinstance(words, str) else list(words)
     union = None if any(words_list(w) is None for w in word_groups) else sorted(
@@ -249,7 +253,7 @@ def fit_layer_probes(
         for w in word_groups:
             t, m, o = _probe_word(data, w, res, n_folds=n_folds, n_inner=n_inner, Cs=Cs,
                                   controls=controls, n_boot=n_boot, seed=seed, dtype=dtype, tol=tol,
-                                  n_shuffles=n_shuffles)
+                                  n_shuffles=n_shuffles, label=label)
             tables.append(t)
             margins.append(m)
             oofs.append(o)
@@ -266,8 +270,10 @@ def _position_features(meta: pd.DataFrame) -> np.ndarray:
     return meta[list(POSITION_FEATURES)].to_numpy(dtype=np.float32)[:, None, :]
 
 
-def _labels(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    c = meta["correct"]
+def _labels(meta: pd.DataFrame, label: str = "correct") -> tuple[np.ndarray, np.ndarray]:
+    if label not in meta.columns:
+        raise ValueError(f"metadata has no label column {label!r}")
+    c = meta[label]
     ok = c.notna().to_numpy()
     y = np.zeros(len(c), dtype=int)
     y[ok] = c[ok].astype(bool).to_numpy().astype(int)
@@ -275,15 +281,15 @@ def _labels(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, controls, n_boot,
-                seed, dtype, tol, n_shuffles):
+                seed, dtype, tol, n_shuffles, label="correct"):
     meta = data.metadata
     wl = words_list(w)
     word = _word_label(w)
     wcol = meta["word"].astype(str).str.lower()
     is_word = (wcol != CONTROL) if wl is None else wcol.isin(wl)
-    y_all, graded = _labels(meta)
+    y_all, graded = _labels(meta, label)
     if (is_word & ~graded).any():
-        warnings.warn(f"{int((is_word & ~graded).sum())} '{word}' positions have no correctness "
+        warnings.warn(f"{int((is_word & ~graded).sum())} '{word}' positions have no {label!r} "
                       "label and are left out", stacklevel=3)
     rows = np.flatnonzero(is_word.to_numpy() & graded)
     if len(rows) == 0:

@@ -236,3 +236,20 @@ def test_cli_writes_probe_results_and_figures(planted, tmp_path):
     for name in ("probe_auroc_by_layer.png", "transfer.csv", "transfer_matrix.png", "probe_margins.csv"):
         assert (out / name).is_file(), name
     assert main(["probe", "--store", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_probe_for_another_label_column(planted):
+    """`label=` probes any boolean metadata column: the planted direction encodes `correct`, so a
+    column equal to it is recovered and an unrelated one is not; a missing column is an error."""
+    states, meta = planted
+    meta = meta.copy()
+    meta["same"] = meta["correct"].astype(float)
+    meta["other"] = np.random.default_rng(7).integers(0, 2, len(meta)).astype(float)
+    meta.loc[meta.index[:10], "other"] = np.nan  # rows without the label are left out, with a warning
+    same = fit_layer_probes(states, meta, label="same", controls=False, **FAST).table.set_index("layer")
+    assert same.loc[2, "auroc"] > 0.9
+    with pytest.warns(UserWarning, match="have no 'other' label"):
+        other = fit_layer_probes(states, meta, label="other", controls=False, **FAST).table
+    assert other["auroc"].max() < 0.65
+    with pytest.raises(ValueError, match="no label column 'nope'"):
+        fit_layer_probes(states, meta, label="nope", **FAST)
