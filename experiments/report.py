@@ -200,6 +200,23 @@ def _probes(r: _Report, cfg: dict) -> None:
              "position baseline": f"{x.baseline_auroc:.3f}", "ECE": f"{x.ece:.3f}"} for x in best.itertuples()]
     r.table(pd.DataFrame(rows))
     r.figure("probes", "probe_auroc_by_layer.png", "Probe ROC-AUC by layer per model, with control bands.")
+    if (d / "truth_ceilings.csv").is_file():
+        c = pd.read_csv(d / "truth_ceilings.csv")
+        r.add("", "Ground-truth ceilings at \"wait\" (organism): the same cross-validated regression on ground-truth "
+              "features instead of states — what a probe would reach if the states encoded exactly that fact "
+              "(same rows, folds and label; margin over position alone, paired problem bootstrap):", "")
+        r.table(pd.DataFrame([{"features": x.features, "AUROC": _ci({"value": x.auroc, "lo": x.auroc_lo, "hi": x.auroc_hi}),
+                               "margin over position": _ci({"value": x.margin_vs_reference, "lo": x.margin_lo,
+                                                            "hi": x.margin_hi}),
+                               "positions": int(x.n_positions)} for x in c.itertuples()]))
+    if (d / "truth_probes.csv").is_file():
+        tp = pd.read_csv(d / "truth_probes.csv")
+        best = tp.loc[tp.groupby(["model", "label"])["auroc"].idxmax()]
+        r.add("", "Do the states at \"wait\" encode the ground truth itself? State probes for each fact "
+              "(best layer, problem-grouped CV):", "")
+        r.table(pd.DataFrame([{"model": x.model, "fact": x.label, "layer": int(x.layer),
+                               "AUROC": _ci({"value": x.auroc, "lo": x.auroc_lo, "hi": x.auroc_hi})}
+                              for x in best.itertuples()]))
     if (d / "transfer.csv").is_file():
         r.figure("probes", "transfer_matrix.png", "Probe transfer: trained on one model's states, tested on another's.")
         r.figure("probes", "transfer_cosine.png", "Cosine similarity of probe directions across models and layers.")

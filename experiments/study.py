@@ -156,10 +156,66 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
     p = ctx.cfg.probes
     stores = [ctx.stage_dir("capture") / name for name in ctx.cfg.models]
     try:
-        return probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
-                            transfer=p.transfer and len(stores) > 1)
+        summary = probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
+                               transfer=p.transfer and len(stores) > 1)
     except InsufficientDataError as e:
         raise StageSkipped(str(e)) from None
+    pooled = pooled_trajectories(ctx)
+    if pooled and all("truth" in t.extra for t in pooled):  # the organism: what the states could know
+        summary["ground_truth"] = _truth_probes(ctx, stores, pooled, out)
+    return summary
+
+
+def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory], out: Path) -> dict[str, Any]:
+    """The organism's ground truth at each "wait" (`organism.wait_truth`), two ways:
+
+    - `truth_ceilings.csv`: the correctness probe's ceilings — the same regression on a
+      ground-truth fact instead of states (what a probe would reach if the states encoded it);
+    - `truth_probes.csv`: per model and layer, a state probe for the fact itself (do the
+      states at "wait" encode that the step just written was a slip, or that the running value
+      is wrong?), problem-grouped CV, no controls.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from experiments.organism.wait_truth import TRUTH_COLUMNS, add_wait_truth
+    from hooks.store import ActivationStore
+    from probes.feature_probes import feature_probes
+    from probes.linear import POSITION_FEATURES, fit_layer_probes
+
+    p, seed = ctx.cfg.probes, ctx.cfg.seed
+    pos = list(POSITION_FEATURES)
+    summary: dict[str, Any] = {}
+    try:
+        meta = add_wait_truth(ActivationStore(stores[0]).metadata, pooled)
+        ceilings = feature_probes(meta, {"position + slip just written": [*pos, "after_slip"],
+                                         "position + running value wrong": [*pos, "value_wrong"]},
+                                  word="wait", n_folds=p.folds, n_boot=p.n_boot, seed=seed)
+    except (InsufficientDataError, ValueError) as e:
+        ctx.log(f"probes: no ground-truth analysis ({e})")
+        return {"skipped": str(e)}
+    ceilings.to_csv(out / "truth_ceilings.csv", index=False)
+    summary["ceilings"] = {r.features: round(float(r.auroc), 3) for r in ceilings.itertuples()}
+    tables = []
+    for path in stores:
+        store = ActivationStore(path)
+        meta = add_wait_truth(store.metadata, pooled)
+        rows = np.flatnonzero((meta["word"] == "wait").to_numpy() & meta["after_slip"].notna().to_numpy())
+        states, sub = store.states(rows=rows), meta.iloc[rows].reset_index(drop=True)
+        for fact in TRUTH_COLUMNS:
+            try:
+                res = fit_layer_probes(states, sub, words="wait", label=fact, controls=False, n_folds=p.folds,
+                                       n_boot=p.n_boot, seed=seed, threads=1)
+            except (InsufficientDataError, ValueError) as e:
+                ctx.log(f"probes: {store.model} {fact}: {e}")
+                continue
+            tables.append(res.table[["model", "layer", "auroc", "auroc_lo", "auroc_hi"]].assign(label=fact))
+    if tables:
+        t = pd.concat(tables, ignore_index=True)[["model", "label", "layer", "auroc", "auroc_lo", "auroc_hi"]]
+        t.to_csv(out / "truth_probes.csv", index=False)
+        summary["best_fact_probe"] = {f"{m} {f}": round(float(g["auroc"].max()), 3)
+                                      for (m, f), g in t.groupby(["model", "label"])}
+    return summary
 
 
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:

@@ -225,3 +225,110 @@ def test_capture_matches_full_forward_on_organism(tmp_path):
     store = capture.capture_residuals(model, trajs, pos, tmp_path / "s", batch_size=4, progress=False)
     assert len(store.metadata) > 8
     check_against_full_forward(model, trajs, store, "resid_post")  # within 1e-4, as for the other models
+
+
+def test_wait_truth_columns_match_what_the_generator_planted(tmp_path):
+    """`add_wait_truth` puts, on each "wait" position, whether the step just written was a slip
+    and whether the running value written just before the wait is wrong — checked against the
+    generator's own record and the problem's true values."""
+    from experiments.organism.model import FORMAT, build_tokenizer
+    from experiments.organism.sample import add_truth
+    from experiments.organism.wait_truth import add_wait_truth
+
+    tok = build_tokenizer(tmp_path)
+    rng = np.random.default_rng(3)
+    spec = CorpusSpec("waity", slip=0.3, wait_after_slip=0.6, wait_after_correct=0.3, recheck="fix")
+    trajs, expected = [], {}
+    for i in range(60):
+        p = random_problem(rng)
+        reasoning, answer, planted = make_trace(p, spec, rng)
+        t = add_truth(Trajectory(f"t{i}", p.id, p.prompt, reasoning, answer, p.gold, correct=answer == p.gold), p)
+        trajs.append(t)
+        words = reasoning.split()
+        at = [j for j, w in enumerate(words) if w == "wait"]
+        expected[t.id] = [(float(w["after_slip"]), float(int(words[j - 1]) != p.true_values()[w["step"]]))
+                          for j, w in zip(at, planted["waits"], strict=True)]
+    meta = add_wait_truth(find_positions(tok, trajs, fmt=FORMAT).table, trajs)
+    waits = meta[meta["word"] == "wait"].sort_values(["trajectory_id", "token_index"])
+    got = {tid: list(map(tuple, g[["after_slip", "value_wrong"]].to_numpy())) for tid, g in waits.groupby("trajectory_id")}
+    assert got == {k: v for k, v in expected.items() if v}
+    assert sum(len(v) for v in expected.values()) > 40
+    assert 0 < waits["after_slip"].mean() < 1 and 0 < waits["value_wrong"].mean() < 1
+    assert meta.loc[meta["word"] != "wait", ["after_slip", "value_wrong"]].isna().all().all()
+    with pytest.raises(ValueError, match="no organism ground truth"):
+        add_wait_truth(meta, [Trajectory("x", "p", "Q 1 + 1 ;", "1 + 1 = 2", "2", "2")])
+
+
+class _OracleDetector:
+    """A stand-in model that knows the arithmetic: P("wait") is high exactly after a slipped
+    step's value, and its last hidden state holds the next token (so the lens reads it there)."""
+
+    def __init__(self):
+        import torch
+
+        from experiments.organism.task import TOKEN_ID, VOCAB
+
+        self.V, self.T = len(VOCAB), TOKEN_ID
+        self.model = type("M", (), {"norm": staticmethod(lambda h: h)})()
+        self.lm_head = lambda h: h
+        self.torch = torch
+
+    def __call__(self, ids, output_hidden_states=True):
+        from experiments.organism.task import VOCAB
+
+        torch, T = self.torch, self.T
+        x = ids[0].tolist()
+        logits = torch.zeros(len(x), self.V)
+        nxt = torch.zeros(len(x), self.V)
+        for j in range(len(x) - 1):
+            nxt[j, x[j + 1]] = 1.0
+        for j in range(4, len(x)):
+            if x[j - 1] == T["="] and VOCAB[x[j - 3]] in "+-":
+                a, op, b, c = (VOCAB[x[j - 4]], VOCAB[x[j - 3]], VOCAB[x[j - 2]], VOCAB[x[j]])
+                logits[j, T["wait"]] = 8.0 if int(c) != apply(int(a), op, int(b)) else -8.0
+        hidden = (torch.zeros(1, len(x), self.V), torch.zeros(1, len(x), self.V), nxt[None])
+        return type("Out", (), {"logits": logits[None], "hidden_states": hidden})()
+
+
+def test_detection_diagnostic_sees_a_planted_detector_and_not_the_shipped_models():
+    from experiments.organism.detect import detection
+    from experiments.organism.sample import load
+
+    oracle = detection(_OracleDetector(), n=80, n_boot=100)
+    assert oracle["detection_auroc"]["value"] == 1.0
+    assert oracle["p_wait_after_slip"] > 0.9 > 0.1 > oracle["p_wait_after_correct"]
+    assert oracle["lens_by_layer"] == [0.0, 1.0] and oracle["lens_steps"] > 50
+    post = detection(load("organism:post-large"), n=150, n_boot=200)
+    d = post["detection_auroc"]
+    assert d["lo"] < 0.5 < d["hi"]  # the shipped post-large does not detect its slips (README)
+    assert post["lens_by_layer"][-1] > 0.95 and post["lens_by_layer"][-2] < 0.5
+
+
+def test_organism_study_writes_ground_truth_probes(tmp_path):
+    """The study's probe stage on organism trajectories adds the ground-truth analyses: ceilings
+    (feature probes on what a model could know at "wait") and state probes for those facts."""
+    import pandas as pd
+
+    from experiments.config import parse_config
+    from experiments.runner import run_study
+    from experiments.study import study_stages
+
+    raw = {
+        "name": "org-small", "seed": 0, "lexicon": ["wait", "so", "therefore", "alternatively"],
+        "stages": ["trajectories", "positions", "capture", "probes", "report"],
+        "models": {"sft": "organism:sft-1k", "post": "organism:post-large"},
+        "trajectories": {"source": "sample", "problems": "organism", "n_problems": 120, "n_per_problem": 2,
+                         "temperature": 1.0, "max_new_tokens": 96, "force_answer": False},
+        "capture": {"controls": True},
+        "probes": {"folds": 3, "n_boot": 50, "words": ["wait"], "transfer": False},
+    }
+    run_dir = run_study(parse_config(raw, source="org-small.toml"), study_stages(), runs_root=tmp_path, quiet=True)
+    ceil = pd.read_csv(run_dir / "probes/truth_ceilings.csv").set_index("features")
+    assert list(ceil.index) == ["position", "position + slip just written", "position + running value wrong"]
+    assert ceil["n_positions"].nunique() == 1 and ceil["n_positions"].iloc[0] > 50
+    assert ceil.loc["position + running value wrong", "auroc"] > ceil.loc["position", "auroc"] + 0.1
+    facts = pd.read_csv(run_dir / "probes/truth_probes.csv")
+    assert set(facts["label"]) == {"after_slip", "value_wrong"}
+    assert set(facts["model"]) == {"organism:sft-1k", "organism:post-large"}
+    report = (run_dir / "report/report.md").read_text()
+    assert "Ground-truth ceilings" in report and "encode the ground truth itself" in report

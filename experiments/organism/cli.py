@@ -1,4 +1,4 @@
-"""`waitlens organism train | sample | eval` — the model organism's command line."""
+"""`waitlens organism train | sample | eval | detect` — the model organism's command line."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def register(subparsers) -> None:
     _model_args(e, nargs="+")
     e.add_argument("--json", default=None, help="also write the results as JSON here")
     e.set_defaults(handler=cmd_eval)
+
+    d = sub.add_parser("detect", help="teacher-forced slip detection and logit lens (does it see its slips?)")
+    d.add_argument("--model", required=True, nargs="+",
+                   help="organism:<base|sft-1k|post-large> or a regime directory from `train --out`")
+    d.add_argument("--n", type=int, default=400, help="held-out problems, written with 30%% slips (default 400)")
+    d.add_argument("--seed", type=int, default=123, help="problem seed (default 123)")
+    d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    d.set_defaults(handler=cmd_detect)
 
 
 def _model_args(p, nargs=None) -> None:
@@ -89,4 +97,16 @@ def cmd_eval(args) -> int:
             json.dump({"n": args.n, "temperature": args.temperature, "seed": args.seed, "results": results}, fh, indent=2)
         os.replace(tmp, path)
     sys.stdout.flush()
+    return 0
+
+
+def cmd_detect(args) -> int:
+    from experiments.organism.detect import detection, format_detection
+    from experiments.organism.sample import load, resolve_spec
+
+    for spec in args.model:
+        resolve_spec(spec)  # fail early on an unknown spec
+    results = {spec: detection(load(spec), n=args.n, seed=args.seed) for spec in args.model}
+    print(f"{args.n} held-out problems per model, teacher-forced, 30% of steps slipped (seed {args.seed})")
+    print(format_detection(results))
     return 0
