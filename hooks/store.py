@@ -250,13 +250,14 @@ class ActivationStore:
             return out
         starts = np.cumsum([0] + [s["n"] for s in self.manifest["shards"]])
         shard_of = np.searchsorted(starts, rows, side="right") - 1
-        lidx = torch.tensor(li)
+        l0, l1 = min(li), max(li) + 1  # read only the span of layers asked for, not every layer
+        lidx = torch.tensor(li) - l0
         for k in np.unique(shard_of):
             pick = np.flatnonzero(shard_of == k)
             local = rows[pick] - starts[k]
             lo, hi = int(local.min()), int(local.max()) + 1
             with safe_open(str(self.path / self.manifest["shards"][k]["file"]), framework="pt") as f:
-                block = f.get_slice(TENSOR)[lo:hi]
+                block = f.get_slice(TENSOR)[lo:hi, l0:l1]
             sel = block[torch.from_numpy(local - lo)].index_select(1, lidx)
             out[torch.from_numpy(pick)] = sel.to(dtype)
         return out
