@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # module path -> registers one or more subcommands
@@ -15,8 +16,22 @@ COMMAND_MODULES = [
     "experiments.commands.probe",  # waitlens probe
     "experiments.commands.patch",  # waitlens patch, waitlens ablate
     "experiments.commands.run",  # waitlens run
-    "experiments.organism.cli",  # waitlens organism train|sample|eval
+    "experiments.organism.cli",  # waitlens organism train|sample|eval|detect
 ]
+# options whose values may start with "-" (argparse would read "--window -2:4" as two options)
+NEGATIVE_VALUE_OPTIONS = ("--window",)
+_NEGATIVE_VALUE = re.compile(r"^-\d+(:-?\d+)?$")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``["--window", "-2:4"]`` -> ``["--window=-2:4"]``, so both spellings work."""
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1] in NEGATIVE_VALUE_OPTIONS and _NEGATIVE_VALUE.match(tok):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0

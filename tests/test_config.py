@@ -52,3 +52,12 @@ def test_patching_between_different_shapes_is_refused(tmp_path):
     cfg = parse_config({"models": {"sft": str(a), "post": str(b)}, "ablations": {"model": "post"},
                         "stages": ["trajectories", "positions", "capture"]})
     assert check_models(cfg)["post"]["n_layers"] == 3
+
+
+def test_window_value_may_start_with_a_minus():
+    from experiments.cli import build_parser, join_negative_values
+
+    argv = ["patch", "--source", "a", "--target", "b", "--trajectories", "t", "--out", "o", "--window", "-2:4"]
+    assert join_negative_values(argv)[-1] == "--window=-2:4"
+    assert build_parser().parse_args(join_negative_values(argv)).window == "-2:4"
+    assert join_negative_values(["--window=-1:1", "--seed", "-3"]) == ["--window=-1:1", "--seed", "-3"]

@@ -162,7 +162,7 @@ def test_cli_patch_writes_table(pair, tmp_path):
     f = save_trajectories(trajs(4), tmp_path / "t.jsonl")
     out = tmp_path / "out"
     rc = main(["patch", "--source", a.spec, "--target", b.spec, "--trajectories", str(f), "--out", str(out),
-               "--window=-1:1", "--attribution", "--n-boot", "50"])
+               "--window", "-1:1", "--attribution", "--n-boot", "50"])
     assert rc == 0
     import pandas as pd
 

@@ -2,7 +2,7 @@
 (within-model content/structure ablations).
 
     waitlens patch --source SPEC --target SPEC --trajectories F.jsonl --out DIR [--layers all]
-                   [--window=-2:4] [--metric kl,correction,gold_prob] [--attribution] [--one-way]
+                   [--window -2:4] [--metric kl,correction,gold_prob] [--attribution] [--one-way]
     waitlens ablate --model SPEC --trajectories F.jsonl --out DIR --kind replace-wait|remove-wait|shuffle-steps|delete-steps
 """
 
