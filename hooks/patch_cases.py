@@ -169,3 +169,28 @@ def prepare_cases(source, target, trajectories: Sequence[Trajectory], positions:
                          "nothing to patch")
     return cases, {"n_trajectories": len(trajectories), "n_skipped_no_wait": len(skipped),
                    "n_cases": len(cases), "n_anchors": sum(a.control == "none" for c in cases for a in c.anchors)}
+
+
+@dataclass
+class Reads:
+    """The target positions whose next-token distributions some metric needs."""
+
+    positions: list[int]
+    index: dict[int, int]
+
+    @classmethod
+    def build(cls, positions):
+        p = sorted(set(positions))
+        return cls(p, {q: i for i, q in enumerate(p)})
+
+
+def read_positions(case: PatchCase, patched: Sequence[int], kl_positions: int) -> Reads:
+    T = len(case.target_ids)
+    pos = set()
+    for p in patched:
+        pos.update(range(p, min(p + kl_positions, T)))
+    a0, a1 = case.answer_tokens
+    pos.update(range(a0 - 1, a1 - 1))
+    for a in case.anchors:
+        pos.update(r for r, _ in a.reads or [])
+    return Reads.build(pos)

@@ -27,9 +27,9 @@ wait — a uniformly drawn non-discourse reasoning token of the same trajectory 
 wait, so its window, like the wait's, precedes what the metrics read — is patched the same
 way with the same metric read-outs.
 
-`attribute` is attribution patching: the first-order estimate
-``(a_source - a_target) · ∂metric/∂a_target`` at every (layer, position) from one target
-forward + one backward per scalar metric. ``kl`` has zero gradient at the clean point (its
+`attribute` is attribution patching (the estimate lives in `hooks.attribution`): the
+first-order estimate ``(a_source - a_target) · ∂metric/∂a_target`` at every (layer, position)
+from one target forward + one backward per scalar metric. ``kl`` has zero gradient at the clean point (its
 minimum), so only ``correction`` and ``gold_prob`` are attributed.
 """
 
@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hooks.attribution import attribution_estimates
 from hooks.patch_cases import (
     DEFAULT_WINDOW,
     DIFFERENTIABLE,
@@ -52,24 +52,25 @@ from hooks.patch_cases import (
     Anchor,
     PatchCase,
     PatchResult,
+    Reads,
     parse_window,
     prepare_cases,
+    read_positions,
 )
-from hooks.points import StopForward, hook_name, residual_hooks, resolve_layers
+from hooks.points import (
+    StopForward,
+    decoder_of,
+    hook_name,
+    lm_head_of,
+    residual_hooks,
+    resolve_layers,
+)
 from traces.positions import Positions
 from traces.trajectory import Trajectory
 
 
 # ---------------------------------------------------------------------------------------------
 # forward passes
-def _decoder(model):
-    return model.hf.base_model
-
-
-def _lm_head(model):
-    return model.hf.get_output_embeddings()
-
-
 @torch.inference_mode()
 def capture_resid_pre(model, ids: Sequence[int], positions: Sequence[int],
                       layers: Sequence[int]) -> Float[Tensor, "layer pos d_model"]:
@@ -89,7 +90,7 @@ def capture_resid_pre(model, ids: Sequence[int], positions: Sequence[int],
     x = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
     with residual_hooks(model, {hook_name(layer, "resid_pre"): grab(layer) for layer in layers}):
         try:
-            _decoder(model)(input_ids=x, use_cache=False)
+            decoder_of(model)(input_ids=x, use_cache=False)
         except StopForward:
             pass
     return torch.stack([out[layer] for layer in layers])
@@ -123,20 +124,7 @@ def run_patched(model, ids: Sequence[int], patches: dict[tuple[int, int], Tensor
     return logits, seen
 
 
-@dataclass
-class _Reads:
-    """The target positions whose next-token distributions some metric needs."""
-
-    positions: list[int]
-    index: dict[int, int]
-
-    @classmethod
-    def build(cls, positions):
-        p = sorted(set(positions))
-        return cls(p, {q: i for i, q in enumerate(p)})
-
-
-def _metric_values(lp: Tensor, clean_lp: Tensor, reads: _Reads, case: PatchCase, p: int, anchors: list[Anchor],
+def _metric_values(lp: Tensor, clean_lp: Tensor, reads: Reads, case: PatchCase, p: int, anchors: list[Anchor],
                    kl_positions: int, metrics) -> dict[tuple[int, str], float]:
     """Metric values per (anchor index, metric) from log-probs at `reads` (rows before p = clean)."""
     T = len(case.target_ids)
@@ -160,18 +148,6 @@ def _metric_values(lp: Tensor, clean_lp: Tensor, reads: _Reads, case: PatchCase,
     return out
 
 
-def _read_positions(case: PatchCase, patched: Sequence[int], kl_positions: int) -> _Reads:
-    T = len(case.target_ids)
-    pos = set()
-    for p in patched:
-        pos.update(range(p, min(p + kl_positions, T)))
-    a0, a1 = case.answer_tokens
-    pos.update(range(a0 - 1, a1 - 1))
-    for a in case.anchors:
-        pos.update(r for r, _ in a.reads or [])
-    return _Reads.build(pos)
-
-
 def _cells(case: PatchCase, window: tuple[int, int]) -> dict[int, list[tuple[int, int]]]:
     """target position -> [(anchor index, rel_pos)] for every in-reasoning window cell."""
     cells: dict[int, list[tuple[int, int]]] = {}
@@ -184,7 +160,7 @@ def _cells(case: PatchCase, window: tuple[int, int]) -> dict[int, list[tuple[int
 
 
 @torch.inference_mode()
-def _clean_target(target, case: PatchCase, layers, positions, reads: _Reads):
+def _clean_target(target, case: PatchCase, layers, positions, reads: Reads):
     x = torch.tensor([case.target_ids], dtype=torch.long, device=target.device)
     states: dict[int, Tensor] = {}
     idx = torch.tensor(positions, dtype=torch.long)
@@ -195,9 +171,9 @@ def _clean_target(target, case: PatchCase, layers, positions, reads: _Reads):
         return fn
 
     with residual_hooks(target, {hook_name(layer, "resid_pre"): grab(layer) for layer in layers}):
-        out = _decoder(target)(input_ids=x, use_cache=True)
+        out = decoder_of(target)(input_ids=x, use_cache=True)
     h = out.last_hidden_state[0, reads.positions]
-    lp = torch.log_softmax(_lm_head(target)(h).float(), -1)
+    lp = torch.log_softmax(lm_head_of(target)(h).float(), -1)
     return lp, out.past_key_values, torch.stack([states[layer] for layer in layers])
 
 
@@ -210,7 +186,7 @@ def _cropped_cache(cache, p: int, batch: int, config):
 
 
 @torch.inference_mode()
-def _patched_rows(target, case: PatchCase, p: int, rows: list[tuple[int, Tensor]], reads: _Reads,
+def _patched_rows(target, case: PatchCase, p: int, rows: list[tuple[int, Tensor]], reads: Reads,
                   cache, use_cache: bool) -> Tensor:
     """Log-probs at `reads` (positions >= p) for each row (layer, state) patched at position p."""
     B = len(rows)
@@ -229,16 +205,16 @@ def _patched_rows(target, case: PatchCase, p: int, rows: list[tuple[int, Tensor]
     else:
         kwargs = dict(use_cache=False)
     with residual_hooks(target, fns):
-        hid = _decoder(target)(input_ids=x, **kwargs).last_hidden_state
+        hid = decoder_of(target)(input_ids=x, **kwargs).last_hidden_state
     sel = [i - start for i in reads.positions if i >= p]
-    return torch.log_softmax(_lm_head(target)(hid[:, sel]).float(), -1)
+    return torch.log_softmax(lm_head_of(target)(hid[:, sel]).float(), -1)
 
 
 def _patch_case(source, target, case: PatchCase, layers, window, metrics, kl_positions, use_cache,
                 batch_size, skip_identical, cost):
     cells = _cells(case, window)
     patched = sorted(cells)
-    reads = _read_positions(case, patched, kl_positions)
+    reads = read_positions(case, patched, kl_positions)
     t = time.perf_counter()
     src = capture_resid_pre(source, case.source_ids, [case.align.to_source(p) for p in patched], layers)
     cost["source_s"] += time.perf_counter() - t
@@ -330,7 +306,7 @@ def patch(
         out, ctx = _patch_case(source, target, case, layers, window, metrics, kl_positions, use_cache, batch_size,
                                skip_identical, cost)
         if attribution:
-            att = _attribute_case(target, case, layers, window, [m for m in metrics if m in DIFFERENTIABLE], ctx,
+            att = attribution_estimates(target, case, layers, window, [m for m in metrics if m in DIFFERENTIABLE], ctx,
                                   cost)
             out = [r + (att.get((r[2], r[3], r[4], r[5], r[7]), float("nan")),) for r in out]
         else:
@@ -340,75 +316,6 @@ def patch(
     info.update(direction=direction, directions=[direction], layers=layers, window=list(window), metrics=metrics,
                 kl_positions=kl_positions, use_cache=use_cache, cost=cost)
     return PatchResult(table, info)
-
-
-# ---------------------------------------------------------------------------------------------
-# attribution patching
-def _attribute_case(target, case: PatchCase, layers, window, metrics, ctx, cost) -> dict:
-    """{(group, control, layer, rel_pos, metric): estimate} for one case."""
-    if not metrics:
-        return {}
-    src, tgt, patched, reads = ctx
-    t = time.perf_counter()
-    params = [p for p in target.hf.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            x = torch.tensor([case.target_ids], dtype=torch.long, device=target.device)
-            deltas = {}
-            fns = {}
-            for layer in layers:
-                def fn(h, layer=layer):
-                    d = torch.zeros_like(h, requires_grad=True)
-                    deltas[layer] = d
-                    return h + d
-                fns[hook_name(layer, "resid_pre")] = fn
-            with residual_hooks(target, fns):
-                hid = _decoder(target)(input_ids=x, use_cache=False).last_hidden_state
-            lp = torch.log_softmax(_lm_head(target)(hid[0, reads.positions]).float(), -1)
-            scalars: dict[tuple, Tensor] = {}
-            if "gold_prob" in metrics:
-                a0, a1 = case.answer_tokens
-                scalars[("gold_prob", None)] = torch.stack(
-                    [lp[reads.index[i - 1], case.target_ids[i]] for i in range(a0, a1)]).sum().exp()
-            if "correction" in metrics:
-                seen = {}
-                for a in case.anchors:
-                    if a.reads:
-                        key = tuple(a.reads)
-                        if key not in seen:
-                            seen[key] = torch.stack([lp[reads.index[r], tok] for r, tok in a.reads]).exp().mean()
-                for key, v in seen.items():
-                    scalars[("correction", key)] = v
-            ds = [deltas[layer] for layer in layers]
-            grads = {}
-            keys = list(scalars)
-            for n, key in enumerate(keys):
-                g = torch.autograd.grad(scalars[key], ds, retain_graph=n < len(keys) - 1)
-                grads[key] = torch.stack([gi[0, patched] for gi in g])  # [layer, n_patched, d]
-                cost["backward_passes"] += 1
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    diff = (src - tgt).float()  # [layer, n_patched, d]
-    est = {key: (diff * g).sum(-1) for key, g in grads.items()}  # [layer, n_patched]
-    col = {p: k for k, p in enumerate(patched)}
-    out = {}
-    for a in case.anchors:
-        for rel in range(window[0], window[1] + 1):
-            off = a.offset + rel
-            if not 0 <= off < case.align.n_reasoning:
-                continue
-            k = col[case.align.target_start + off]
-            for li, layer in enumerate(layers):
-                if ("gold_prob", None) in est:
-                    out[(a.group, a.control, layer, rel, "gold_prob")] = float(est[("gold_prob", None)][li, k])
-                if a.reads and ("correction", tuple(a.reads)) in est:
-                    out[(a.group, a.control, layer, rel, "correction")] = float(
-                        est[("correction", tuple(a.reads))][li, k])
-    cost["attribution_s"] += time.perf_counter() - t
-    return out
 
 
 def attribute(source, target, trajectories, positions=None, layers=None, *, window=DEFAULT_WINDOW,

@@ -104,3 +104,13 @@ def _post_hook(fn: HookFn):
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     return hook
+
+
+def decoder_of(model):
+    """The decoder stack (embeddings + blocks + final norm) of a loaded model, without its LM head."""
+    return model.hf.base_model
+
+
+def lm_head_of(model):
+    """The unembedding of a loaded model."""
+    return model.hf.get_output_embeddings()

@@ -1,7 +1,8 @@
 """probes: learning and statistics on what hooks/ produced — no forward passes here."""
 
+from probes.estimator import LinearProbe
 from probes.folds import make_folds, shuffle_labels
-from probes.linear import CSV_COLUMNS, LinearProbe, ProbeResult, fit_layer_probes
+from probes.linear import CSV_COLUMNS, ProbeResult, fit_layer_probes
 from probes.metrics import auroc, expected_calibration_error
 from probes.patching import summarize_ablations, summarize_patches, wait_vs_random
 from probes.probe_data import load_probe_data

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from probes import linear
+from probes.estimator import LinearProbe
 from probes.folds import make_folds, shuffle_labels
 from probes.linear import CSV_COLUMNS, DEFAULT_CS, cross_validate, fit_layer_probes
 from probes.metrics import auroc, expected_calibration_error
@@ -212,7 +212,7 @@ def test_linear_probe_estimator(planted):
     w = (meta["word"] == "wait").to_numpy()
     y = meta["correct"].to_numpy()[w].astype(int)
     Xl = X[w, 2]
-    probe = linear.LinearProbe().fit(Xl[:200], y[:200], groups=meta["problem_id"].to_numpy()[w][:200])
+    probe = LinearProbe().fit(Xl[:200], y[:200], groups=meta["problem_id"].to_numpy()[w][:200])
     p = probe.predict_proba(Xl[200:])
     assert p.shape == (len(y) - 200, 2) and np.allclose(p.sum(1), 1)
     assert probe.score(Xl[200:], y[200:]) > 0.8
