@@ -256,7 +256,7 @@ def _patch_case(source, target, case: PatchCase, layers, window, metrics, kl_pos
                     out.append((case.trajectory.id, case.trajectory.problem_id, a.group, a.control, layer, rel, p,
                                 metric, c, v, v - c))
     cost["tail_s"] += time.perf_counter() - t
-    return out, (src, tgt, patched, reads)
+    return out, (src, tgt, patched)
 
 
 def patch(
