@@ -195,6 +195,11 @@ def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory],
         ctx.log(f"probes: no ground-truth analysis ({e})")
         return {"skipped": str(e)}
     ceilings.to_csv(out / "truth_ceilings.csv", index=False)
+    from experiments.plots import save_figure
+    from experiments.plots.probes import plot_auroc_by_layer
+
+    save_figure(plot_auroc_by_layer(pd.read_csv(out / "probe_results.csv"), ceilings=ceilings),
+                out / "probe_auroc_by_layer.png")
     summary["ceilings"] = {r.features: round(float(r.auroc), 3) for r in ceilings.itertuples()}
     tables = []
     for path in stores:

@@ -8,10 +8,12 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 
-def plot_auroc_by_layer(table: pd.DataFrame, title: str | None = None):
+def plot_auroc_by_layer(table: pd.DataFrame, title: str | None = None, ceilings: pd.DataFrame | None = None):
     """One panel per word; per model: probe AUROC with its bootstrap CI band (solid), the
     random-position control (dashed), the position baseline (dotted); the shuffled-label
-    control as a grey band spanning its per-layer range over models."""
+    control as a grey band spanning its per-layer range over models. `ceilings`
+    (`probes.feature_probes` rows with ``word`` and ``features``): each non-position feature
+    set as a dash-dot line with its CI band, in its word's panel."""
     words = list(dict.fromkeys(table["word"]))
     fig, axes = plt.subplots(1, len(words), figsize=(5.2 * len(words), 3.8), squeeze=False, sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -32,6 +34,12 @@ def plot_auroc_by_layer(table: pd.DataFrame, title: str | None = None):
             lo, hi = sh.min(), sh.max()
             ax.fill_between(lo.index, np.minimum(lo, 0.5), np.maximum(hi, 0.5), color="0.6", alpha=0.35,
                             lw=0, label="shuffled labels")
+        if ceilings is not None:
+            cw = ceilings[(ceilings["word"] == word) & (ceilings["features"] != "position")]
+            for k, r in enumerate(cw.itertuples()):
+                shade = str(0.15 + 0.3 * k)
+                ax.axhline(r.auroc, color=shade, ls="-.", lw=1, label=f"ceiling: {r.features}")
+                ax.axhspan(r.auroc_lo, r.auroc_hi, color=shade, alpha=0.08, lw=0)
         ax.axhline(0.5, color="0.4", lw=0.6)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -39,7 +47,12 @@ def plot_auroc_by_layer(table: pd.DataFrame, title: str | None = None):
         ax.set_ylim(0.3, 1.0)
         ax.grid(alpha=0.25)
     axes[0, 0].set_ylabel("ROC-AUC (out-of-fold, 95% CI over problems)")
-    axes[0, -1].legend(fontsize=7, loc="upper left", frameon=False)
+    handles = {}
+    for ax in axes[0]:  # one legend for every panel's lines (a ceiling may sit in one panel only)
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    axes[0, -1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
