@@ -215,8 +215,9 @@ def _probes(r: _Report, cfg: dict) -> None:
         r.add("", "Do the states at \"wait\" encode the ground truth itself? State probes for each fact "
               "(best layer, problem-grouped CV):", "")
         r.table(pd.DataFrame([{"model": x.model, "fact": x.label, "layer": int(x.layer),
-                               "AUROC": _ci({"value": x.auroc, "lo": x.auroc_lo, "hi": x.auroc_hi})}
-                              for x in best.itertuples()]))
+                               "AUROC": _ci({"value": x.auroc, "lo": x.auroc_lo, "hi": x.auroc_hi}),
+                               "shuffled labels": f"{x.control_shuffled_auroc:.3f}",
+                               "position baseline": f"{x.baseline_auroc:.3f}"} for x in best.itertuples()]))
     if (d / "transfer.csv").is_file():
         r.figure("probes", "transfer_matrix.png", "Probe transfer: trained on one model's states, tested on another's.")
         r.figure("probes", "transfer_cosine.png", "Cosine similarity of probe directions across models and layers.")

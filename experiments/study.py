@@ -173,7 +173,8 @@ def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory],
       ground-truth fact instead of states (what a probe would reach if the states encoded it);
     - `truth_probes.csv`: per model and layer, a state probe for the fact itself (do the
       states at "wait" encode that the step just written was a slip, or that the running value
-      is wrong?), problem-grouped CV, no controls.
+      is wrong?), problem-grouped CV, with the shuffled-label control (per position) and the
+      position baseline for the same fact.
     """
     import numpy as np
     import pandas as pd
@@ -186,12 +187,17 @@ def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory],
     p, seed = ctx.cfg.probes, ctx.cfg.seed
     pos = list(POSITION_FEATURES)
     summary: dict[str, Any] = {}
+    meta = add_wait_truth(ActivationStore(stores[0]).metadata, pooled)
+    # Ceilings on exactly the state probes' rows (so the same folds): a wait the ground truth
+    # does not cover (it follows a parse error in a malformed text) counts as "no slip, value
+    # right" — the ceiling gets no credit for malformed text.
+    wait = (meta["word"] == "wait").to_numpy()
+    meta.loc[wait, list(TRUTH_COLUMNS)] = meta.loc[wait, list(TRUTH_COLUMNS)].fillna(0.0)
     try:
-        meta = add_wait_truth(ActivationStore(stores[0]).metadata, pooled)
         ceilings = feature_probes(meta, {"position + slip just written": [*pos, "after_slip"],
                                          "position + running value wrong": [*pos, "value_wrong"]},
                                   word="wait", n_folds=p.folds, n_boot=p.n_boot, seed=seed)
-    except (InsufficientDataError, ValueError) as e:
+    except (InsufficientDataError, ValueError) as e:  # too few waits, or a single class
         ctx.log(f"probes: no ground-truth analysis ({e})")
         return {"skipped": str(e)}
     ceilings.to_csv(out / "truth_ceilings.csv", index=False)
@@ -209,14 +215,20 @@ def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory],
         states, sub = store.states(rows=rows), meta.iloc[rows].reset_index(drop=True)
         for fact in TRUTH_COLUMNS:
             try:
-                res = fit_layer_probes(states, sub, words="wait", label=fact, controls=False, n_folds=p.folds,
-                                       n_boot=p.n_boot, seed=seed, threads=1)
+                with warnings.catch_warnings():  # control positions carry no fact: only the shuffle runs
+                    warnings.filterwarnings("ignore", message="no control positions")
+                    res = fit_layer_probes(states, sub, words="wait", label=fact, n_folds=p.folds,
+                                           n_boot=p.n_boot, seed=seed, threads=1)
             except (InsufficientDataError, ValueError) as e:
                 ctx.log(f"probes: {store.model} {fact}: {e}")
                 continue
-            tables.append(res.table[["model", "layer", "auroc", "auroc_lo", "auroc_hi"]].assign(label=fact))
+            t = res.table[["model", "layer", "auroc", "auroc_lo", "auroc_hi", "control_shuffled_auroc",
+                           "baseline_auroc"]].assign(label=fact)
+            t["layer"] = np.asarray(store.layers)[t["layer"].to_numpy()]  # store layer numbers
+            tables.append(t)
     if tables:
-        t = pd.concat(tables, ignore_index=True)[["model", "label", "layer", "auroc", "auroc_lo", "auroc_hi"]]
+        t = pd.concat(tables, ignore_index=True)[["model", "label", "layer", "auroc", "auroc_lo", "auroc_hi",
+                                                  "control_shuffled_auroc", "baseline_auroc"]]
         t.to_csv(out / "truth_probes.csv", index=False)
         summary["best_fact_probe"] = {f"{m} {f}": round(float(g["auroc"].max()), 3)
                                       for (m, f), g in t.groupby(["model", "label"])}

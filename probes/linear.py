@@ -301,8 +301,13 @@ def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, c
     folds = make_folds(y, groups, n_folds, n_inner, seed)
     labels = [y]
     if controls:
+        # shuffle at the level the label lives: whole trajectories for a trajectory-level label
+        # (correctness), single positions for one that varies within a trajectory (a per-step fact)
+        traj = wm["trajectory_id"].astype(str).to_numpy()
+        per_traj = pd.Series(y).groupby(traj).nunique().max() <= 1
+        units = traj if per_traj else np.arange(len(y)).astype(str)
         for k in range(n_shuffles):
-            labels.append(shuffle_labels(y, wm["trajectory_id"].to_numpy(), seed + k, strata=folds.outer))
+            labels.append(shuffle_labels(y, units, seed + k, strata=folds.outer))
     fit = cross_validate(data.states[rows], labels, folds, Cs=Cs, dtype=dtype, tol=tol)
     L = len(data.layers)
     res.directions[word] = fit.coef[n_folds, 0]
@@ -319,8 +324,11 @@ def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, c
         matched = match_controls(meta, rows, cands)
         ctl_rows = matched[matched >= 0]
         if len(ctl_rows) == 0:
-            warnings.warn(f"no control positions (word '{CONTROL}') in the store for the '{word}' "
-                          "trajectories; capture with --controls for the random-position control",
+            has = (wcol == CONTROL).any()
+            warnings.warn(f"no control positions (word '{CONTROL}') "
+                          + (f"with a {label!r} label" if has else "in the store")
+                          + f" for the '{word}' trajectories"
+                          + ("" if has else "; capture with --controls for the random-position control"),
                           stacklevel=3)
         else:
             cm = meta.iloc[ctl_rows]

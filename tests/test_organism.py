@@ -327,8 +327,13 @@ def test_organism_study_writes_ground_truth_probes(tmp_path):
     assert list(ceil.index) == ["position", "position + slip just written", "position + running value wrong"]
     assert ceil["n_positions"].nunique() == 1 and ceil["n_positions"].iloc[0] > 50
     assert ceil.loc["position + running value wrong", "auroc"] > ceil.loc["position", "auroc"] + 0.1
+    probes = pd.read_csv(run_dir / "probes/probe_results.csv")  # same rows and folds as the state probes
+    assert ceil.loc["position", "auroc"] == pytest.approx(probes["baseline_auroc"].iloc[0], abs=1e-9)
+    margins = pd.read_csv(run_dir / "probes/probe_margins.csv")
+    assert ceil["n_positions"].iloc[0] == margins.loc[margins["word"] == "wait", "n_positions"].iloc[0]
     facts = pd.read_csv(run_dir / "probes/truth_probes.csv")
     assert set(facts["label"]) == {"after_slip", "value_wrong"}
+    assert (abs(facts["control_shuffled_auroc"] - 0.5) < 0.1).all()
     assert set(facts["model"]) == {"organism:sft-1k", "organism:post-large"}
     report = (run_dir / "report/report.md").read_text()
     assert "Ground-truth ceilings" in report and "encode the ground truth itself" in report

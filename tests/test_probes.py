@@ -251,5 +251,9 @@ def test_probe_for_another_label_column(planted):
     with pytest.warns(UserWarning, match="have no 'other' label"):
         other = fit_layer_probes(states, meta, label="other", controls=False, **FAST).table
     assert other["auroc"].max() < 0.65
+    # a label that varies within a trajectory is shuffled per position: the control stays at chance
+    with pytest.warns(UserWarning, match="have no 'other' label"):
+        ctl = fit_layer_probes(states, meta, label="other", **FAST).table
+    assert (abs(ctl["control_shuffled_auroc"] - 0.5) < 0.05).all()
     with pytest.raises(ValueError, match="no label column 'nope'"):
         fit_layer_probes(states, meta, label="nope", **FAST)

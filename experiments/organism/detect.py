@@ -4,9 +4,9 @@ A teacher-forced diagnostic, seconds per model (`waitlens organism detect`):
 
 - **detection**: on held-out problems written with 30% slips and no discourse words, the
   model's probability that the next word is "wait" at each step's value token (where it
-  decides whether to re-check). ROC-AUC of that probability for slipped vs correct steps
+  decides whether to re-check; the last step included, as the corpora re-check it too). ROC-AUC of that probability for slipped vs correct steps
   (a problem-bootstrap CI): 0.5 = it says "wait" blind to the step; 1 = it detects slips.
-- **logit lens**: at each "=" of slip-free traces, the share of steps whose value the
+- **logit lens**: at each "=" before a trace's first slip, the share of steps whose value the
   residual stream after each layer (final norm + unembedding) already predicts. Detection
   has to compare the value written with a recomputed one; if only the last layer holds the
   value at "=", the next position has no layer left to read it and compare.
@@ -30,6 +30,13 @@ def detection(model, n: int = 400, seed: int = 123, n_boot: int = 1000) -> dict[
     """Teacher-forced slip detection and the per-layer logit lens of one organism model."""
     import torch
 
+    with torch.no_grad():
+        return _detection(model, n, seed, n_boot)
+
+
+def _detection(model, n: int, seed: int, n_boot: int) -> dict[str, Any]:
+    import torch
+
     from experiments.organism.model import encode
     from probes.metrics import auroc_ci
 
@@ -41,17 +48,15 @@ def detection(model, n: int = 400, seed: int = 123, n_boot: int = 1000) -> dict[
         p = random_problem(rng, split="eval")
         reasoning, answer, planted = make_trace(p, PROBE_CORPUS, rng)
         ids, n_head = encode(p, reasoning, answer)
-        with torch.no_grad():
-            out = hf(torch.tensor([ids]), output_hidden_states=True)
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
         prob = out.logits[0].softmax(-1)
         eqs = [j for j in range(n_head, len(ids)) if ids[j] == TOKEN_ID["="]]
         if lens_hits is None:
             lens_hits = np.zeros(len(out.hidden_states) - 1)
         for k, e in enumerate(eqs):
-            if k + 1 < len(p.ops):  # a connective (or "wait") follows this step's value
-                scores.append(float(prob[e + 1, TOKEN_ID["wait"]]))
-                slipped.append(k in planted["slips"])
-                groups.append(i)
+            scores.append(float(prob[e + 1, TOKEN_ID["wait"]]))
+            slipped.append(k in planted["slips"])
+            groups.append(i)
             if k in planted["slips"] or k > min(planted["slips"], default=len(eqs)):
                 continue  # the lens reads steps whose operands and value are all right
             for layer, h in enumerate(out.hidden_states[1:]):
