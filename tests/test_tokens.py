@@ -118,3 +118,15 @@ def test_cli_tokens_and_answers(tiny_qwen_dir, tmp_path):
     # a format without a forcing suffix: a clear CLI error, exit code 2
     assert main(["answers", "--model", str(tiny_qwen_dir), "--trajectories", str(f), "--out", str(out),
                  "--format", "plain", "--suffix", ""]) == 2
+
+
+def test_cli_refuses_a_model_given_twice(tiny_qwen_dir, tmp_path, capsys):
+    from experiments.cli import main
+    from traces import save_trajectories
+
+    f = save_trajectories([tiny_trajectory(i, correct=i % 2 == 0) for i in range(4)], tmp_path / "t.jsonl")
+    m = str(tiny_qwen_dir)
+    assert main(["tokens", "--model", m, "--model", m, "--trajectories", str(f), "--trajectories", str(f),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -67,6 +67,10 @@ def _load(args):
     specs, files = args.model, args.trajectories
     if len(files) not in (1, len(specs)):
         raise ValueError(f"give --trajectories once, or once per --model ({len(specs)}), not {len(files)} times")
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise ValueError(f"--model {twice[0]} is given twice: results are keyed by model spec, so one would "
+                         "overwrite the other; run the command once per trajectory file instead")
     files = files * len(specs) if len(files) == 1 else files
     cache: dict[str, list] = {}
     out = []
