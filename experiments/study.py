@@ -155,62 +155,73 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     p = ctx.cfg.probes
     stores = [ctx.stage_dir("capture") / name for name in ctx.cfg.models]
+    pooled = pooled_trajectories(ctx)
+    truth = None
+    if pooled and all("truth" in t.extra for t in pooled):  # the organism: what the states could know
+        from experiments.organism.wait_truth import add_wait_truth
+        from hooks.store import ActivationStore
+
+        truth = {path: add_wait_truth(ActivationStore(path).metadata, pooled) for path in stores}
+    ground: dict[str, Any] = {}
+    ceilings = None if truth is None else _truth_ceilings(ctx, truth[stores[0]], out, ground)
     try:
         summary = probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
-                               transfer=p.transfer and len(stores) > 1)
+                               transfer=p.transfer and len(stores) > 1, ceilings=ceilings)
     except InsufficientDataError as e:
         raise StageSkipped(str(e)) from None
-    pooled = pooled_trajectories(ctx)
-    if pooled and all("truth" in t.extra for t in pooled):  # the organism: what the states could know
-        summary["ground_truth"] = _truth_probes(ctx, stores, pooled, out)
+    if ceilings is not None:
+        _fact_probes(ctx, truth, out, ground)
+    if truth is not None:
+        summary["ground_truth"] = ground
     return summary
 
 
-def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory], out: Path) -> dict[str, Any]:
-    """The organism's ground truth at each "wait" (`organism.wait_truth`), two ways:
-
-    - `truth_ceilings.csv`: the correctness probe's ceilings — the same regression on a
-      ground-truth fact instead of states (what a probe would reach if the states encoded it);
-    - `truth_probes.csv`: per model and layer, a state probe for the fact itself (do the
-      states at "wait" encode that the step just written was a slip, or that the running value
-      is wrong?), problem-grouped CV, with the shuffled-label control (per position) and the
-      position baseline for the same fact.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from experiments.organism.wait_truth import TRUTH_COLUMNS, add_wait_truth
-    from hooks.store import ActivationStore
+def _truth_ceilings(ctx: RunContext, meta, out: Path, summary: dict[str, Any]):
+    """`truth_ceilings.csv`: the correctness probe's ceilings — the same regression on a
+    ground-truth fact (`organism.wait_truth`) instead of states: what a probe at "wait" would
+    reach if the states encoded it. None (and the reason in `summary`) when the data cannot
+    support it."""
+    from experiments.organism.wait_truth import TRUTH_COLUMNS
     from probes.feature_probes import feature_probes
-    from probes.linear import POSITION_FEATURES, fit_layer_probes
+    from probes.linear import POSITION_FEATURES
 
-    p, seed = ctx.cfg.probes, ctx.cfg.seed
+    p = ctx.cfg.probes
     pos = list(POSITION_FEATURES)
-    summary: dict[str, Any] = {}
-    meta = add_wait_truth(ActivationStore(stores[0]).metadata, pooled)
-    # Ceilings on exactly the state probes' rows (so the same folds): a wait the ground truth
-    # does not cover (it follows a parse error in a malformed text) counts as "no slip, value
-    # right" — the ceiling gets no credit for malformed text.
+    # On exactly the state probes' rows (so the same folds): a wait the ground truth does not
+    # cover (it follows a parse error in a malformed text) counts as "no slip, value right" —
+    # the ceiling gets no credit for malformed text.
+    meta = meta.copy()
     wait = (meta["word"] == "wait").to_numpy()
     meta.loc[wait, list(TRUTH_COLUMNS)] = meta.loc[wait, list(TRUTH_COLUMNS)].fillna(0.0)
     try:
         ceilings = feature_probes(meta, {"position + slip just written": [*pos, "after_slip"],
                                          "position + running value wrong": [*pos, "value_wrong"]},
-                                  word="wait", n_folds=p.folds, n_boot=p.n_boot, seed=seed)
+                                  word="wait", n_folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed)
     except (InsufficientDataError, ValueError) as e:  # too few waits, or a single class
         ctx.log(f"probes: no ground-truth analysis ({e})")
-        return {"skipped": str(e)}
+        summary["skipped"] = str(e)
+        return None
     ceilings.to_csv(out / "truth_ceilings.csv", index=False)
-    from experiments.plots import save_figure
-    from experiments.plots.probes import plot_auroc_by_layer
-
-    save_figure(plot_auroc_by_layer(pd.read_csv(out / "probe_results.csv"), ceilings=ceilings),
-                out / "probe_auroc_by_layer.png")
     summary["ceilings"] = {r.features: round(float(r.auroc), 3) for r in ceilings.itertuples()}
+    return ceilings
+
+
+def _fact_probes(ctx: RunContext, truth: dict, out: Path, summary: dict[str, Any]) -> None:
+    """`truth_probes.csv`: per model and layer, a state probe for each ground-truth fact itself
+    (do the states at "wait" encode that the step just written was a slip, or that the running
+    value is wrong?), problem-grouped CV, with the shuffled-label control (per position) and
+    the position baseline for the same fact."""
+    import numpy as np
+    import pandas as pd
+
+    from experiments.organism.wait_truth import TRUTH_COLUMNS
+    from hooks.store import ActivationStore
+    from probes.linear import fit_layer_probes
+
+    p = ctx.cfg.probes
     tables = []
-    for path in stores:
+    for path, meta in truth.items():
         store = ActivationStore(path)
-        meta = add_wait_truth(store.metadata, pooled)
         rows = np.flatnonzero((meta["word"] == "wait").to_numpy() & meta["after_slip"].notna().to_numpy())
         states, sub = store.states(rows=rows), meta.iloc[rows].reset_index(drop=True)
         for fact in TRUTH_COLUMNS:
@@ -218,7 +229,7 @@ def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory],
                 with warnings.catch_warnings():  # control positions carry no fact: only the shuffle runs
                     warnings.filterwarnings("ignore", message="no control positions")
                     res = fit_layer_probes(states, sub, words="wait", label=fact, n_folds=p.folds,
-                                           n_boot=p.n_boot, seed=seed, threads=1)
+                                           n_boot=p.n_boot, seed=ctx.cfg.seed, threads=1)
             except (InsufficientDataError, ValueError) as e:
                 ctx.log(f"probes: {store.model} {fact}: {e}")
                 continue
@@ -232,7 +243,6 @@ def _truth_probes(ctx: RunContext, stores: list[Path], pooled: list[Trajectory],
         t.to_csv(out / "truth_probes.csv", index=False)
         summary["best_fact_probe"] = {f"{m} {f}": round(float(g["auroc"].max()), 3)
                                       for (m, f), g in t.groupby(["model", "label"])}
-    return summary
 
 
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:

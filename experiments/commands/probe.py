@@ -47,8 +47,12 @@ def run(args) -> int:
 
 
 def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow_mixed=False, folds=5,
-                 inner_folds=3, controls=True, n_boot=1000, seed=0, threads=1, transfer=False) -> dict:
+                 inner_folds=3, controls=True, n_boot=1000, seed=0, threads=1, transfer=False,
+                 ceilings=None) -> dict:
     """Probe every store (a directory or ActivationStore), write tables and figures into `out`.
+
+    ceilings: `probes.feature_probes` rows to draw in the AUROC-by-layer figure (the organism's
+    ground-truth ceilings), if any.
 
     Returns a summary: per model and word, the best layer and its AUROC.
     """
@@ -88,7 +92,7 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
     table = pd.concat([r.table for r in results], ignore_index=True)[CSV_COLUMNS]
     table.to_csv(out / "probe_results.csv", index=False)
     pd.concat([r.margins for r in results], ignore_index=True).to_csv(out / "probe_margins.csv", index=False)
-    save_figure(plot_auroc_by_layer(table), out / "probe_auroc_by_layer.png")
+    save_figure(plot_auroc_by_layer(table, ceilings=ceilings), out / "probe_auroc_by_layer.png")
     print(f"wrote {out / 'probe_results.csv'}, {out / 'probe_margins.csv'}, {out / 'probe_auroc_by_layer.png'}")
     if transfer and len(stores) > 1:
         word = words[0]
