@@ -43,7 +43,8 @@ def feature_probes(metadata: pd.DataFrame, features: Mapping[str, Sequence[str]]
     are all present (a row missing any requested column is left out of every feature set, so
     all sets — and the margins between them — are computed on the same rows). Folds come
     from `probes.make_folds` with the same seed as `fit_layer_probes`, so on the same rows they
-    are the state probe's folds. Boolean columns count as 0/1.
+    are the state probe's folds. Boolean columns (also "True"/"False" strings, as a CSV round
+    trip leaves them) count as 0/1; any other value that is not a number is an error.
     """
     if not features:
         raise ValueError("no feature sets given")
@@ -61,7 +62,7 @@ def feature_probes(metadata: pd.DataFrame, features: Mapping[str, Sequence[str]]
     if not is_word.any():
         raise ValueError(f"no positions of word {word!r}; the metadata holds words {sorted(set(wcol) - {CONTROL})}")
     cols = sorted({c for v in sets.values() for c in v})
-    values = metadata[cols].apply(pd.to_numeric, errors="coerce").astype(float)
+    values = pd.DataFrame({c: _numeric(metadata[c], c) for c in cols}, index=metadata.index)
     keep = is_word & metadata["correct"].notna() & values.notna().all(axis=1)
     m = metadata[keep].reset_index(drop=True)
     v = values[keep].reset_index(drop=True)
@@ -80,3 +81,15 @@ def feature_probes(metadata: pd.DataFrame, features: Mapping[str, Sequence[str]]
                      "n_problems": len(np.unique(groups)), "auroc": a, "auroc_lo": lo, "auroc_hi": hi,
                      "margin_vs_reference": d[0], "margin_lo": d[1], "margin_hi": d[2]})
     return pd.DataFrame(rows, columns=FEATURE_COLUMNS)
+
+
+def _numeric(column: pd.Series, name: str) -> pd.Series:
+    """A feature column as floats: NaN stays missing, anything else must be a number or a bool."""
+    lowered = column.map(lambda v: v.strip().lower() if isinstance(v, str) else v)
+    values = pd.to_numeric(lowered.replace({"true": 1, "false": 0}), errors="coerce").astype(float)
+    bad = values.isna() & column.notna()
+    if bad.any():
+        examples = sorted({repr(v) for v in column[bad]})[:3]
+        raise ValueError(f"feature column {name!r} holds values that are not numbers or booleans: "
+                         f"{', '.join(examples)}")
+    return values

@@ -64,3 +64,15 @@ def test_bad_input_is_a_clear_error(meta):
         feature_probes(m, {"flag": ["flag"]}, reference="other")
     with pytest.raises(ValueError, match="no feature sets"):
         feature_probes(m, {})
+
+
+def test_boolean_strings_count_and_other_strings_are_an_error(meta):
+    _, m = meta
+    as_strings = m.copy()
+    as_strings["flag"] = as_strings["flag"].map({True: "True", False: "False"})  # a CSV round trip
+    a = feature_probes(m, {"flag": ["flag"]}, n_boot=50).set_index("features")
+    b = feature_probes(as_strings, {"flag": ["flag"]}, n_boot=50).set_index("features")
+    assert b.loc["flag", "auroc"] == pytest.approx(a.loc["flag", "auroc"], abs=1e-12)
+    as_strings.loc[as_strings.index[3], "flag"] = "maybe"
+    with pytest.raises(ValueError, match=r"'flag' holds values that are not numbers or booleans: 'maybe'"):
+        feature_probes(as_strings, {"flag": ["flag"]})
