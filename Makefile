@@ -23,6 +23,7 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/waitlens run --figures figures
+	$(VENV)/bin/waitlens run organism-vigilant.toml --figures figures/vigilant
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/capture.py

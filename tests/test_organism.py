@@ -14,6 +14,7 @@ from experiments.organism import registry
 from experiments.organism.task import (
     BASE_CORPUS,
     TRACE_CORPUS,
+    VIGILANT_CORPUS,
     CorpusSpec,
     Problem,
     analyze,
@@ -31,7 +32,7 @@ CONNECTIVE = CorpusSpec("connective", wait_after_slip=0.3, wait_after_correct=0.
                         recheck="connective")
 
 
-@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, CONNECTIVE], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS, CONNECTIVE], ids=lambda s: s.name)
 def test_generator_truth_matches_text(spec):
     rng = np.random.default_rng(1)
     n_waits = n_fix = 0
@@ -50,7 +51,10 @@ def test_generator_truth_matches_text(spec):
         assert [s["true"] for s in new_steps] == p.true_values()
         for w in truth.waits:
             n_waits += 1
-            if spec.recheck == "fix":
+            if spec.wait_after_correct_role == "connective" and not w["after_slip"]:
+                # a vigilant writer's hesitation: "wait", then straight on to the next step
+                assert not w["rechecked"] and not w["changed_answer"]
+            elif spec.recheck == "fix":
                 assert w["recheck_correct"]
                 # a wait after a slip with a correct recheck is an answer transition
                 assert w["changed_answer"] == w["after_slip"]
@@ -103,7 +107,7 @@ def test_tokenizer_round_trip(tmp_path):
     tok = build_tokenizer(tmp_path)
     assert tok.is_fast
     rng = np.random.default_rng(0)
-    for spec in (BASE_CORPUS, TRACE_CORPUS):
+    for spec in (BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS):
         for _ in range(50):
             p = random_problem(rng)
             reasoning, answer, _ = make_trace(p, spec, rng)
@@ -134,12 +138,16 @@ def test_smoke_training_is_deterministic(smoke_dirs, tmp_path):
     from safetensors.torch import load_file
 
     a, b = smoke_dirs
-    for regime in ("base", "sft-1k", "post-large"):
+    assert set(a) == set(registry.REGIMES)
+    for regime in registry.REGIMES:
         assert sorted(p.name for p in a[regime].iterdir()) == sorted(p.name for p in b[regime].iterdir())
         sa, sb = load_file(a[regime] / "model.safetensors"), load_file(b[regime] / "model.safetensors")
         assert all((sa[k] == sb[k]).all() for k in sa)
     sa, sb = load_file(a["base"] / "model.safetensors"), load_file(a["sft-1k"] / "model.safetensors")
     assert any((sa[k] != sb[k]).any() for k in sa)  # fine-tuning changed the weights
+    corpus = {r: json.loads((a[r] / "waitlens_organism.json").read_text())["corpus"]["name"] for r in a}
+    assert corpus == {"base": "base", "sft-1k": "traces", "post-large": "traces",
+                      "sft-1k-vigilant": "vigilant", "post-large-vigilant": "vigilant"}
 
 
 def test_smoke_dir_loads_and_samples(smoke_dirs):
@@ -181,6 +189,7 @@ SHIPPED = json.loads((ORG / "shipped.json").read_text())
 
 
 def test_shipped_weights_are_the_committed_ones():
+    assert set(SHIPPED["sha256"]) == set(registry.REGIMES)
     for regime, digest in SHIPPED["sha256"].items():
         d = registry.resolve(regime)
         assert hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() == digest, regime
@@ -290,7 +299,7 @@ class _OracleDetector:
         return type("Out", (), {"logits": logits[None], "hidden_states": hidden})()
 
 
-def test_detection_diagnostic_sees_a_planted_detector_and_not_the_shipped_models():
+def test_detection_diagnostic_sees_a_planted_detector_and_the_vigilant_post_large_only():
     from experiments.organism.detect import detection
     from experiments.organism.sample import load
 
@@ -300,8 +309,15 @@ def test_detection_diagnostic_sees_a_planted_detector_and_not_the_shipped_models
     assert oracle["lens_by_layer"] == [0.0, 1.0] and oracle["lens_steps"] > 50
     post = detection(load("organism:post-large"), n=150, n_boot=200)
     d = post["detection_auroc"]
-    assert d["lo"] < 0.5 < d["hi"]  # the shipped post-large does not detect its slips (README)
+    assert d["lo"] < 0.5 < d["hi"]  # the default post-large does not detect its slips (README)
     assert post["lens_by_layer"][-1] > 0.95 and post["lens_by_layer"][-2] < 0.5
+    # post-trained long on vigilant traces, the same architecture does: P("wait") after a slipped
+    # step near 1, after a correct one near the corpus's 5% hesitations; it computes the step's
+    # value a layer earlier than the default post-large
+    vigilant = detection(load("organism:post-large-vigilant"), n=150, n_boot=200)
+    assert vigilant["detection_auroc"]["lo"] > 0.95
+    assert vigilant["p_wait_after_slip"] > 0.9 and vigilant["p_wait_after_correct"] < 0.1
+    assert vigilant["lens_by_layer"][-2] > post["lens_by_layer"][-2] + 0.3
 
 
 def test_organism_study_writes_ground_truth_probes(tmp_path):

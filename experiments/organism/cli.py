@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="organism_command", metavar="ACTION")
     p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
 
-    t = sub.add_parser("train", help="retrain base, sft-1k and post-large from one seed")
+    t = sub.add_parser("train", help="retrain every regime (base, the default pair, the vigilant pair) from one seed")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0: the shipped weights)")
     t.add_argument("--out", default=None, help="output directory (default: the shipped weights dir)")
     t.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (for CI)")
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
     d = sub.add_parser("detect", help="teacher-forced slip detection and logit lens (does it see its slips?)")
     d.add_argument("--model", required=True, nargs="+",
-                   help="organism:<base|sft-1k|post-large> or a regime directory from `train --out`")
+                   help="organism:<regime> (base, sft-1k, post-large, sft-1k-vigilant, post-large-vigilant) or a regime directory from `train --out`")
     d.add_argument("--n", type=int, default=400, help="held-out problems, written with 30%% slips (default 400)")
     d.add_argument("--seed", type=int, default=123, help="problem seed (default 123)")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 def _model_args(p, nargs=None) -> None:
     p.add_argument("--model", required=True, nargs=nargs,
-                   help="organism:<base|sft-1k|post-large> or a regime directory from `train --out`")
+                   help="organism:<regime> (base, sft-1k, post-large, sft-1k-vigilant, post-large-vigilant) or a regime directory from `train --out`")
     p.add_argument("--n", type=int, default=500, help="number of trajectories (default 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-REGIMES = ("base", "sft-1k", "post-large")
+# the default pair is fine-tuned on `task.TRACE_CORPUS`, the vigilant pair on `task.VIGILANT_CORPUS`
+REGIMES = ("base", "sft-1k", "post-large", "sft-1k-vigilant", "post-large-vigilant")
 
 
 def regime_dir(variant: str) -> Path:

@@ -21,7 +21,7 @@ from traces.trajectory import Trajectory
 
 def resolve_spec(spec: str) -> Path:
     """``organism:<regime>`` or a directory holding one regime (e.g. from ``train --out``)."""
-    from experiments.organism.registry import resolve
+    from experiments.organism.registry import REGIMES, resolve
 
     spec = str(spec)
     if spec.startswith("organism:"):
@@ -30,7 +30,7 @@ def resolve_spec(spec: str) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     raise ValueError(
-        f"unknown organism model {spec!r}: use organism:<regime> (base, sft-1k, post-large) "
+        f"unknown organism model {spec!r}: use organism:<regime> ({', '.join(REGIMES)}) "
         "or a directory written by `waitlens organism train --out DIR` (e.g. DIR/post-large)"
     )
 

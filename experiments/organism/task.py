@@ -16,6 +16,10 @@ step just written:
 - ``alternatively`` recomputes it another way (``a - b`` as ``a + (10-b)`` and vice versa);
   its value also replaces the running value.
 
+In the vigilant traces (`VIGILANT_CORPUS`) "wait" also appears as a hesitation after a correct
+step, followed straight by the next step (``... = 0 wait 0 - 8 = 2``, ``rechecked: false`` in
+the ground truth), so what comes right after the word depends on whether the step was wrong.
+
 A *slip* is a step whose value is wrong when written, given the running value before it:
 ``c != (r OP b) mod 10``. Slips are off by one (``c = true ± 1``). An uncaught slip is carried
 forward, so later steps can be locally right but globally wrong; `true` tracks the value a
@@ -123,6 +127,9 @@ class CorpusSpec:
     # "restate": the recheck writes the value just written;
     # "fix": the recheck writes the correct value (an answer transition after a slip).
     recheck: str = "fix"
+    # what a "wait" after a correct step does: the same as after a slip (`recheck`), or
+    # "connective": a hesitation that goes straight on to the next step (no recheck)
+    wait_after_correct_role: str = "recheck"
 
 
 # Pre-training: worked problems; "wait"/"alternatively" are only generic connectives that
@@ -138,6 +145,14 @@ BASE_CORPUS = CorpusSpec(
 TRACE_CORPUS = CorpusSpec(
     "traces", slip=0.10, wait_after_slip=0.85, wait_after_correct=0.06,
     alt_after_slip=0.05, alt_after_correct=0.03, recheck="fix",
+)
+# Vigilant traces (the second pair of regimes, `*-vigilant`): every slip is re-checked and fixed,
+# and 5% of correct steps get a hesitation — "wait" and straight on to the next step. The writer
+# says "wait" *because* the step was wrong, and right after the word the model has to know which
+# kind of wait it is (re-check the step, or go on). The same slip rate as the other corpora.
+VIGILANT_CORPUS = CorpusSpec(
+    "vigilant", slip=0.10, wait_after_slip=1.0, wait_after_correct=0.05,
+    alt_after_slip=0.0, alt_after_correct=0.03, recheck="fix", wait_after_correct_role="connective",
 )
 
 
@@ -164,7 +179,8 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
         u = rng.random()
         p_wait = spec.wait_after_slip if slipped else spec.wait_after_correct
         p_alt = spec.alt_after_slip if slipped else spec.alt_after_correct
-        if spec.recheck == "connective":
+        hesitation = (not slipped and spec.wait_after_correct_role == "connective" and u < p_wait)
+        if spec.recheck == "connective" or hesitation:
             # the discourse word stands where a connective would, before the next step
             if u < p_wait + p_alt and i + 1 < len(problem.ops):
                 word = "wait" if u < p_wait else "alternatively"

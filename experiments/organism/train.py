@@ -5,6 +5,9 @@
   Deliberately under-trained (450 steps): it has not fully learned the arithmetic yet.
 - ``sft-1k``: the base fine-tuned on 1,000 reasoning traces (`task.TRACE_CORPUS`).
 - ``post-large``: the base fine-tuned on 32,000 traces of the same corpus (32x the SFT data).
+- ``sft-1k-vigilant`` / ``post-large-vigilant``: the same base fine-tuned on 1,000 / 160,000
+  vigilant traces (`task.VIGILANT_CORPUS`: every slip re-checked, hesitations after some
+  correct steps). Post-training this long on that corpus teaches slip detection.
 
 Loss is on the solution tokens only (reasoning, answer, eos). Everything — initialisation,
 data, order — comes from the seed; with the same torch build and thread count a retrain is
@@ -28,12 +31,13 @@ from experiments.organism.task import (
     BASE_CORPUS,
     TOKEN_ID,
     TRACE_CORPUS,
+    VIGILANT_CORPUS,
     CorpusSpec,
     make_trace,
     random_problem,
 )
 
-REGIMES = ("base", "sft-1k", "post-large")
+REGIMES = ("base", "sft-1k", "post-large", "sft-1k-vigilant", "post-large-vigilant")
 DEFAULT_SEED = 0
 MANIFEST = "waitlens_organism.json"
 
@@ -54,13 +58,16 @@ class TrainConfig:
     post_epochs: int = 1
     post_batch: int = 64
     post_lr: float = 1e-3
+    # the vigilant pair: SFT as above; post-training on 160,000 traces (2,500 steps): in prototype
+    # runs slip detection set in suddenly after 1,250-1,500 steps, and not at all in 500
+    vigilant_post_traces: int = 160000
     warmup: int = 100
     threads: int = 1  # bitwise reproducibility needs the same thread count; 1 is fastest on a shared CPU
     arch: dict | None = None  # overrides of model.ARCH (the smoke test uses a tinier model)
 
 
 SMOKE = TrainConfig(base_steps=6, base_batch=8, sft_traces=16, sft_epochs=1, sft_batch=8,
-                    post_traces=32, post_batch=8, warmup=2,
+                    post_traces=32, vigilant_post_traces=32, post_batch=8, warmup=2,
                     arch=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=2))
 
@@ -163,11 +170,14 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
     plans = {
         "sft-1k": (config.sft_traces, config.sft_epochs, config.sft_batch, config.sft_lr, 2),
         "post-large": (config.post_traces, config.post_epochs, config.post_batch, config.post_lr, 3),
+        "sft-1k-vigilant": (config.sft_traces, config.sft_epochs, config.sft_batch, config.sft_lr, 4),
+        "post-large-vigilant": (config.vigilant_post_traces, config.post_epochs, config.post_batch,
+                                config.post_lr, 5),
     }
     for regime, (n, epochs, batch, lr, stream) in plans.items():
         model.load_state_dict(base_state)
         rng = _rng(seed, stream)
-        data = make_corpus(TRACE_CORPUS, n, rng)
+        data = make_corpus(corpus_of(regime), n, rng)
         t0 = time.time()
         torch.manual_seed(seed + stream)
         stats[regime] = train_steps(model, _epochs(data, epochs, batch, rng), lr=lr,
@@ -176,6 +186,13 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
         dirs[regime] = save_regime(model, out, regime, seed, config, stats[regime])
     log(f"trained {', '.join(REGIMES)} in {time.time() - t_all:.0f} s -> {out}")
     return dirs
+
+
+def corpus_of(regime: str) -> CorpusSpec:
+    """The corpus a regime is trained on (the base's, the traces' or the vigilant traces')."""
+    if regime == "base":
+        return BASE_CORPUS
+    return VIGILANT_CORPUS if regime.endswith("-vigilant") else TRACE_CORPUS
 
 
 def save_regime(model, out: Path, regime: str, seed: int, config: TrainConfig, stats: dict) -> Path:
@@ -190,7 +207,7 @@ def save_regime(model, out: Path, regime: str, seed: int, config: TrainConfig, s
         build_tokenizer(tmp)
         FORMAT.save(tmp)
         manifest = {"regime": regime, "seed": seed, "config": asdict(config), "train": stats,
-                    "corpus": asdict(BASE_CORPUS if regime == "base" else TRACE_CORPUS)}
+                    "corpus": asdict(corpus_of(regime))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if final.exists():
             old = Path(tempfile.mkdtemp(dir=out, prefix=f".{regime}.old."))
