@@ -353,3 +353,31 @@ def test_organism_study_writes_ground_truth_probes(tmp_path):
     assert set(facts["model"]) == {"organism:sft-1k", "organism:post-large"}
     report = (run_dir / "report/report.md").read_text()
     assert "Ground-truth ceilings" in report and "encode the ground truth itself" in report
+
+
+def test_probe_at_wait_finds_correctness_in_the_vigilant_post_large_only(tmp_path):
+    """Issue #5's requirement 1, on the vigilant organism study exactly as `make demo` runs it:
+    post-large-vigilant's best layer at "wait" is above its random-position control and its
+    position baseline with CI-separated margins, shuffled labels at 0.5 +- 0.05; sft-1k-vigilant
+    and base, which do not detect their slips, are not above their baselines."""
+    import pandas as pd
+    import tomllib
+
+    from experiments.config import CONFIG_DIR, parse_config
+    from experiments.runner import run_study
+    from experiments.study import study_stages
+
+    raw = tomllib.loads((CONFIG_DIR / "organism-vigilant.toml").read_text())
+    raw["stages"] = ["trajectories", "positions", "capture", "probes"]
+    run_dir = run_study(parse_config(raw, source="organism-vigilant.toml"), study_stages(), runs_root=tmp_path,
+                        quiet=True)
+    res = pd.read_csv(run_dir / "probes/probe_results.csv")
+    margins = pd.read_csv(run_dir / "probes/probe_margins.csv")
+    table = res.merge(margins, on=["model", "word", "layer"])
+    wait = table[table["word"] == "wait"]
+    best = wait.loc[wait.groupby("model")["auroc"].idxmax()].set_index("model")
+    post = best.loc["organism:post-large-vigilant"]
+    assert post["margin_random_lo"] > 0.1 and post["margin_baseline_lo"] > 0.05
+    assert abs(post["control_shuffled_auroc"] - 0.5) < 0.05
+    for other in ("organism:sft-1k-vigilant", "organism:base"):
+        assert best.loc[other, "margin_baseline_lo"] < 0  # not above position and length
