@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,12 @@ def test_smoke_dir_loads_and_samples(smoke_dirs):
         assert {"slips", "waits", "steps", "malformed"} <= set(truth)
         assert t.correct in (True, False) and (not truth["malformed"] or t.correct is False)
     assert evaluate(trajs)["n"] == 6
+    # the eval table is valid markdown: "|" inside a metric name ("P(wait | slip)") is escaped
+    from experiments.organism.sample import format_table
+
+    table = format_table({"a": evaluate(trajs), "b": evaluate(trajs)})
+    assert {len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()} == {4}
+    assert "P(wait \\| slip)" in table
 
 
 # -- the registry and the command line ---------------------------------------------------------------

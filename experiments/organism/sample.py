@@ -153,9 +153,10 @@ def fmt_metric(m: dict) -> str:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """A markdown table: one column per model."""
+    """A markdown table: one column per model (a "|" inside a metric's name is escaped)."""
     names = list(results)
     lines = ["| metric (95% CI) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key, label in ROWS:
+        label = label.replace("|", "\\|")
         lines.append(f"| {label} | " + " | ".join(fmt_metric(results[m][key]) for m in names) + " |")
     return "\n".join(lines)
