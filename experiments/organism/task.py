@@ -147,7 +147,7 @@ TRACE_CORPUS = CorpusSpec(
     alt_after_slip=0.05, alt_after_correct=0.03, recheck="fix",
 )
 # Vigilant traces (the second pair of regimes, `*-vigilant`): every slip is re-checked and fixed,
-# and 5% of correct steps get a hesitation — "wait" and straight on to the next step. The writer
+# and 5% of correct steps (not the last) get a hesitation — "wait", then the next step. The writer
 # says "wait" *because* the step was wrong, and right after the word the model has to know which
 # kind of wait it is (re-check the step, or go on). The same slip rate as the other corpora.
 VIGILANT_CORPUS = CorpusSpec(

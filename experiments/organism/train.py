@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.organism.registry import REGIMES
 from experiments.organism.task import (
     BASE_CORPUS,
     TOKEN_ID,
@@ -37,7 +38,6 @@ from experiments.organism.task import (
     random_problem,
 )
 
-REGIMES = ("base", "sft-1k", "post-large", "sft-1k-vigilant", "post-large-vigilant")
 DEFAULT_SEED = 0
 MANIFEST = "waitlens_organism.json"
 
