@@ -384,7 +384,7 @@ def test_probe_at_wait_finds_correctness_in_the_vigilant_post_large_only(tmp_pat
     wait = table[table["word"] == "wait"]
     best = wait.loc[wait.groupby("model")["auroc"].idxmax()].set_index("model")
     post = best.loc["organism:post-large-vigilant"]
-    assert post["margin_random_lo"] > 0.1 and post["margin_baseline_lo"] > 0.05
+    assert post["margin_random_lo"] > 0 and post["margin_baseline_lo"] > 0  # CI-separated
     assert abs(post["control_shuffled_auroc"] - 0.5) < 0.05
     for other in ("organism:sft-1k-vigilant", "organism:base"):
         assert best.loc[other, "margin_baseline_lo"] < 0  # not above position and length

@@ -5,7 +5,7 @@
   Deliberately under-trained (450 steps): it has not fully learned the arithmetic yet.
 - ``sft-1k``: the base fine-tuned on 1,000 reasoning traces (`task.TRACE_CORPUS`).
 - ``post-large``: the base fine-tuned on 32,000 traces of the same corpus (32x the SFT data).
-- ``sft-1k-vigilant`` / ``post-large-vigilant``: the same base fine-tuned on 1,000 / 160,000
+- ``sft-1k-vigilant`` / ``post-large-vigilant``: the same base fine-tuned on 1,000 / 224,000
   vigilant traces (`task.VIGILANT_CORPUS`: every slip re-checked, hesitations after some
   correct steps). Post-training this long on that corpus teaches slip detection.
 
@@ -58,9 +58,10 @@ class TrainConfig:
     post_epochs: int = 1
     post_batch: int = 64
     post_lr: float = 1e-3
-    # the vigilant pair: SFT as above; post-training on 160,000 traces (2,500 steps): in prototype
-    # runs slip detection set in suddenly after 1,250-1,500 steps, and not at all in 500
-    vigilant_post_traces: int = 160000
+    # the vigilant pair: SFT as above; post-training on 224,000 traces (3,500 steps). Slip detection
+    # sets in suddenly, at a seed-dependent step: ~1,250-1,500 in prototype runs, just after 2,500
+    # at seed 1 (so 2,500 steps left seed 1 without it)
+    vigilant_post_traces: int = 224000
     warmup: int = 100
     threads: int = 1  # bitwise reproducibility needs the same thread count; 1 is fastest on a shared CPU
     arch: dict | None = None  # overrides of model.ARCH (the smoke test uses a tinier model)
