@@ -9,6 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from experiments.organism.registry import REGIMES
+
+MODEL_HELP = f"organism:<regime> ({', '.join(REGIMES)}) or a regime directory from `train --out`"
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("organism", help="train, sample and evaluate the built-in model organism",
@@ -36,7 +40,7 @@ def register(subparsers) -> None:
 
     d = sub.add_parser("detect", help="teacher-forced slip detection and logit lens (does it see its slips?)")
     d.add_argument("--model", required=True, nargs="+",
-                   help="organism:<regime> (base, sft-1k, post-large, sft-1k-vigilant, post-large-vigilant) or a regime directory from `train --out`")
+                   help=MODEL_HELP)
     d.add_argument("--n", type=int, default=400, help="held-out problems, written with 30%% slips (default 400)")
     d.add_argument("--seed", type=int, default=123, help="problem seed (default 123)")
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -45,7 +49,7 @@ def register(subparsers) -> None:
 
 def _model_args(p, nargs=None) -> None:
     p.add_argument("--model", required=True, nargs=nargs,
-                   help="organism:<regime> (base, sft-1k, post-large, sft-1k-vigilant, post-large-vigilant) or a regime directory from `train --out`")
+                   help=MODEL_HELP)
     p.add_argument("--n", type=int, default=500, help="number of trajectories (default 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
