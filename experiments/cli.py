@@ -11,12 +11,12 @@ import sys
 
 # module path -> registers one or more subcommands
 COMMAND_MODULES = [
-    "experiments.commands.capture",  # waitlens capture
-    "experiments.commands.tokens",  # waitlens tokens, waitlens answers
-    "experiments.commands.probe",  # waitlens probe
-    "experiments.commands.patch",  # waitlens patch, waitlens ablate
-    "experiments.commands.run",  # waitlens run
-    "experiments.organism.cli",  # waitlens organism train|sample|eval|detect
+    "waitlens.experiments.commands.capture",  # waitlens capture
+    "waitlens.experiments.commands.tokens",  # waitlens tokens, waitlens answers
+    "waitlens.experiments.commands.probe",  # waitlens probe
+    "waitlens.experiments.commands.patch",  # waitlens patch, waitlens ablate
+    "waitlens.experiments.commands.run",  # waitlens run
+    "waitlens.experiments.organism.cli",  # waitlens organism train|sample|eval|detect
 ]
 # options whose values may start with "-" (argparse would read "--window -2:4" as two options)
 NEGATIVE_VALUE_OPTIONS = ("--window",)

@@ -238,7 +238,7 @@ def check_models(cfg: StudyConfig) -> dict[str, dict]:
     Returns {name: {"spec", "path", "n_layers", "d_model", "model_type"}}; raises ConfigError
     for an unknown family or path, and for a patching pair of different shapes.
     """
-    from hooks.models import ModelLoadError, describe_spec
+    from waitlens.hooks.models import ModelLoadError, describe_spec
 
     facts = {}
     for name, m in cfg.models.items():

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.config import TrajectoryConfig
-from traces.trajectory import iter_jsonl
+from waitlens.experiments.config import TrajectoryConfig
+from waitlens.traces.trajectory import iter_jsonl
 
 
 def load_problems(cfg: TrajectoryConfig, seed: int) -> list[dict]:
     """Problems as dicts with ``id``, ``prompt`` and ``gold``."""
     if cfg.problems == "organism":
-        from experiments.organism.sample import eval_problems
+        from waitlens.experiments.organism.sample import eval_problems
 
         return [{"id": p.id, "prompt": p.prompt, "gold": p.gold} for p in eval_problems(cfg.n_problems, seed)]
     if cfg.problems == "arithmetic":

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from probes.stats import wilson_ci
-from probes.tokens import to_markdown
-from traces import load_trajectories
+from waitlens.probes.stats import wilson_ci
+from waitlens.probes.tokens import to_markdown
+from waitlens.traces import load_trajectories
 
 
 def _ci(d: dict | None, fmt: str = ".3f") -> str:
@@ -115,7 +115,7 @@ def _trajectories(r: _Report, cfg: dict) -> None:
             organism[f.stem] = trajs
     r.table(pd.DataFrame(rows))
     if organism:
-        from experiments.organism.sample import evaluate, format_table
+        from waitlens.experiments.organism.sample import evaluate, format_table
 
         r.add("Ground truth of the organism (95% Wilson CIs): how often each model slips, says \"wait\", "
               "and what its waits do.", "", format_table({m: evaluate(t) for m, t in organism.items()}), "")

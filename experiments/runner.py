@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from experiments.config import STAGES, StudyConfig, check_models
-from hooks.store import versions, write_json
+from waitlens.experiments.config import STAGES, StudyConfig, check_models
+from waitlens.hooks.store import versions, write_json
 
 MANIFEST = "manifest.json"
 
@@ -52,7 +52,7 @@ class RunContext:
     def model(self, name: str):
         """The model called `name` in the config, loaded on first use and kept."""
         if name not in self._models:
-            from hooks import load_model
+            from waitlens.hooks import load_model
 
             m = self.cfg.models[name]
             self.log(f"loading model {name} = {m.spec}")

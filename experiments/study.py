@@ -17,9 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from experiments.runner import RunContext, Stage, StageSkipped
-from probes.stats import InsufficientDataError
-from traces import (
+from waitlens.experiments.runner import RunContext, Stage, StageSkipped
+from waitlens.probes.stats import InsufficientDataError
+from waitlens.traces import (
     Lexicon,
     Trajectory,
     control_positions,
@@ -50,8 +50,8 @@ def pooled_trajectories(ctx: RunContext) -> list[Trajectory]:
 
 # -- stages ------------------------------------------------------------------------------------
 def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from experiments.problems import load_problems
-    from hooks.generate import generate_trajectories
+    from waitlens.experiments.problems import load_problems
+    from waitlens.hooks.generate import generate_trajectories
 
     t = ctx.cfg.trajectories
     if t.source == "jsonl":
@@ -81,8 +81,8 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 def _add_organism_truth(trajs: list[Trajectory]) -> None:
     """The organism's ground truth (slips, what each wait did) for each sampled trajectory."""
-    from experiments.organism.sample import add_truth
-    from experiments.organism.task import Problem
+    from waitlens.experiments.organism.sample import add_truth
+    from waitlens.experiments.organism.task import Problem
 
     for tr in trajs:
         add_truth(tr, Problem.parse_prompt(tr.prompt))
@@ -107,7 +107,7 @@ def stage_positions(ctx: RunContext, out: Path) -> dict[str, Any]:
 def _positions(ctx: RunContext, name: str):
     import pandas as pd
 
-    from traces import Positions
+    from waitlens.traces import Positions
 
     table = pd.read_csv(ctx.stage_dir("positions") / f"{name}.csv", keep_default_na=False,
                         dtype={"trajectory_id": str, "problem_id": str, "word": str, "surface": str})
@@ -116,7 +116,7 @@ def _positions(ctx: RunContext, name: str):
 
 
 def stage_capture(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from hooks import capture_residuals
+    from waitlens.hooks import capture_residuals
 
     pooled = pooled_trajectories(ctx)
     c = ctx.cfg.capture
@@ -130,7 +130,7 @@ def stage_capture(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from experiments.commands.tokens import tokens_to_dir
+    from waitlens.experiments.commands.tokens import tokens_to_dir
 
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)) for name in ctx.cfg.models]
     try:
@@ -141,7 +141,7 @@ def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from experiments.commands.tokens import answers_to_dir
+    from waitlens.experiments.commands.tokens import answers_to_dir
 
     a = ctx.cfg.answers
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)[: a.max_trajectories]) for name in ctx.cfg.models]
@@ -151,15 +151,15 @@ def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from experiments.commands.probe import probe_to_dir
+    from waitlens.experiments.commands.probe import probe_to_dir
 
     p = ctx.cfg.probes
     stores = [ctx.stage_dir("capture") / name for name in ctx.cfg.models]
     pooled = pooled_trajectories(ctx)
     truth = None
     if pooled and all("truth" in t.extra for t in pooled):  # the organism: what the states could know
-        from experiments.organism.wait_truth import add_wait_truth
-        from hooks.store import ActivationStore
+        from waitlens.experiments.organism.wait_truth import add_wait_truth
+        from waitlens.hooks.store import ActivationStore
 
         truth = {path: add_wait_truth(ActivationStore(path).metadata, pooled) for path in stores}
     ground: dict[str, Any] = {}
@@ -181,9 +181,9 @@ def _truth_ceilings(ctx: RunContext, meta, out: Path, summary: dict[str, Any]):
     ground-truth fact (`organism.wait_truth`) instead of states: what a probe at "wait" would
     reach if the states encoded it. None (and the reason in `summary`) when the data cannot
     support it."""
-    from experiments.organism.wait_truth import TRUTH_COLUMNS
-    from probes.feature_probes import feature_probes
-    from probes.linear import POSITION_FEATURES
+    from waitlens.experiments.organism.wait_truth import TRUTH_COLUMNS
+    from waitlens.probes.feature_probes import feature_probes
+    from waitlens.probes.linear import POSITION_FEATURES
 
     p = ctx.cfg.probes
     pos = list(POSITION_FEATURES)
@@ -214,9 +214,9 @@ def _fact_probes(ctx: RunContext, truth: dict, out: Path, summary: dict[str, Any
     import numpy as np
     import pandas as pd
 
-    from experiments.organism.wait_truth import TRUTH_COLUMNS
-    from hooks.store import ActivationStore
-    from probes.linear import fit_layer_probes
+    from waitlens.experiments.organism.wait_truth import TRUTH_COLUMNS
+    from waitlens.hooks.store import ActivationStore
+    from waitlens.probes.linear import fit_layer_probes
 
     p = ctx.cfg.probes
     tables = []
@@ -246,7 +246,7 @@ def _fact_probes(ctx: RunContext, truth: dict, out: Path, summary: dict[str, Any
 
 
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from experiments.commands.patch import patch_to_dir
+    from waitlens.experiments.commands.patch import patch_to_dir
 
     p = ctx.cfg.patching
     # Only trajectories with a wait can be patched at one; where ground truth says a wait follows a
@@ -272,7 +272,7 @@ def _wait_after_slip(t: Trajectory) -> bool:
 
 
 def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from experiments.commands.patch import ablate_to_dir
+    from waitlens.experiments.commands.patch import ablate_to_dir
 
     a = ctx.cfg.ablations
     trajs = own_trajectories(ctx, a.model)[: a.max_trajectories]
@@ -282,7 +282,7 @@ def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_report(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from experiments.report import write_report
+    from waitlens.experiments.report import write_report
 
     path = write_report(ctx.run_dir, out)
     return {"report": str(path)}

@@ -3,12 +3,12 @@
 Locations inside a model are TransformerLens hook names (`blocks.{l}.hook_resid_post`).
 """
 
-from hooks.answer import answer_curves, answer_probabilities, choose_prefixes
-from hooks.capture import capture_residuals, residuals_at
-from hooks.logprobs import token_logprobs, token_occurrences
-from hooks.models import ContextLengthError, LoadedModel, ModelLoadError, load_model
-from hooks.patching import PatchResult, attribute, patch
-from hooks.store import ActivationStore, IncompleteStoreError, StoreError, open_store, write_store
+from waitlens.hooks.answer import answer_curves, answer_probabilities, choose_prefixes
+from waitlens.hooks.capture import capture_residuals, residuals_at
+from waitlens.hooks.logprobs import token_logprobs, token_occurrences
+from waitlens.hooks.models import ContextLengthError, LoadedModel, ModelLoadError, load_model
+from waitlens.hooks.patching import PatchResult, attribute, patch
+from waitlens.hooks.store import ActivationStore, IncompleteStoreError, StoreError, open_store, write_store
 
 __all__ = [
     "ActivationStore", "ContextLengthError", "IncompleteStoreError", "LoadedModel", "ModelLoadError",

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hooks.patch_cases import correction_reads, gold_version
-from traces.lexicon import Lexicon
-from traces.trajectory import Trajectory
+from waitlens.hooks.patch_cases import correction_reads, gold_version
+from waitlens.traces.lexicon import Lexicon
+from waitlens.traces.trajectory import Trajectory
 
 KINDS = ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps")
 ORGANISM_SEPARATORS = (";", "so", "therefore")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from traces.formats import Rendered
+from waitlens.traces.formats import Rendered
 
 
 class PairError(ValueError):

@@ -41,9 +41,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from traces.formats import Rendered, tokenize_with_offsets
-from traces.grading import normalize_answer
-from traces.trajectory import Trajectory
+from waitlens.traces.formats import Rendered, tokenize_with_offsets
+from waitlens.traces.grading import normalize_answer
+from waitlens.traces.trajectory import Trajectory
 
 CURVE_COLUMNS = [
     "prefix", "rel_prefix", "frac", "gold_logprob", "gold_prob", "top_answer", "top_logprob",

@@ -15,8 +15,8 @@ import time
 import torch
 from torch import Tensor
 
-from hooks.patch_cases import PatchCase, Reads
-from hooks.points import decoder_of, hook_name, lm_head_of, residual_hooks
+from waitlens.hooks.patch_cases import PatchCase, Reads
+from waitlens.hooks.points import decoder_of, hook_name, lm_head_of, residual_hooks
 
 
 def attribution_estimates(target, case: PatchCase, layers, window, metrics, ctx, cost) -> dict:

@@ -30,8 +30,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooks.points import StopForward, hook_name, normalize_kind, residual_hooks, resolve_layers
-from hooks.store import (
+from waitlens.hooks.points import StopForward, hook_name, normalize_kind, residual_hooks, resolve_layers
+from waitlens.hooks.store import (
     FORMAT,
     MANIFEST,
     METADATA,
@@ -46,9 +46,9 @@ from hooks.store import (
     write_json,
     write_shard,
 )
-from hooks.store import storage_dtype as parse_storage_dtype
-from traces.positions import COLUMNS, Positions
-from traces.trajectory import Trajectory
+from waitlens.hooks.store import storage_dtype as parse_storage_dtype
+from waitlens.traces.positions import COLUMNS, Positions
+from waitlens.traces.trajectory import Trajectory
 
 # Sub-batches are capped in padded tokens, so long trajectories run one at a time.
 MAX_BATCH_TOKENS = 8192

@@ -15,9 +15,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from traces.formats import PromptFormat, render_head
-from traces.grading import grade
-from traces.trajectory import Trajectory
+from waitlens.traces.formats import PromptFormat, render_head
+from waitlens.traces.grading import grade
+from waitlens.traces.trajectory import Trajectory
 
 
 def _flexible(text: str) -> re.Pattern:

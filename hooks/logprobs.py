@@ -18,9 +18,9 @@ from collections.abc import Iterable, Sequence
 import pandas as pd
 import torch
 
-from traces.lexicon import Lexicon
-from traces.positions import find_positions
-from traces.trajectory import Trajectory
+from waitlens.traces.lexicon import Lexicon
+from waitlens.traces.positions import find_positions
+from waitlens.traces.trajectory import Trajectory
 
 OCCURRENCE_COLUMNS = ["trajectory_id", "problem_id", "correct", "key", "kind", "token_index",
                       "n_tokens", "logprob", "rel_pos"]

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from traces.formats import PromptFormat, Rendered, get_format, infer_format, load_format, render
-from traces.trajectory import Trajectory
+from waitlens.traces.formats import PromptFormat, Rendered, get_format, infer_format, load_format, render
+from waitlens.traces.trajectory import Trajectory
 
 ENTRY_POINT_GROUP = "waitlens.models"
 

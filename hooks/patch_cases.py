@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from hooks.alignment import Alignment, align_content, check_pair
-from traces.formats import Rendered
-from traces.lexicon import Lexicon
-from traces.positions import Positions, find_positions
-from traces.trajectory import Trajectory
+from waitlens.hooks.alignment import Alignment, align_content, check_pair
+from waitlens.traces.formats import Rendered
+from waitlens.traces.lexicon import Lexicon
+from waitlens.traces.positions import Positions, find_positions
+from waitlens.traces.trajectory import Trajectory
 
 METRICS = ("kl", "correction", "gold_prob")
 DIFFERENTIABLE = ("correction", "gold_prob")

@@ -43,8 +43,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooks.attribution import attribution_estimates
-from hooks.patch_cases import (
+from waitlens.hooks.attribution import attribution_estimates
+from waitlens.hooks.patch_cases import (
     DEFAULT_WINDOW,
     DIFFERENTIABLE,
     METRICS,
@@ -57,7 +57,7 @@ from hooks.patch_cases import (
     prepare_cases,
     read_positions,
 )
-from hooks.points import (
+from waitlens.hooks.points import (
     StopForward,
     decoder_of,
     hook_name,
@@ -65,8 +65,8 @@ from hooks.points import (
     residual_hooks,
     resolve_layers,
 )
-from traces.positions import Positions
-from traces.trajectory import Trajectory
+from waitlens.traces.positions import Positions
+from waitlens.traces.trajectory import Trajectory
 
 
 # ---------------------------------------------------------------------------------------------

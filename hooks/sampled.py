@@ -35,10 +35,10 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from hooks.patch_cases import prepare_cases, word_index
-from hooks.patching import capture_resid_pre
-from hooks.points import hook_name, residual_hooks, resolve_layers
-from traces.trajectory import Trajectory
+from waitlens.hooks.patch_cases import prepare_cases, word_index
+from waitlens.hooks.patching import capture_resid_pre
+from waitlens.hooks.points import hook_name, residual_hooks, resolve_layers
+from waitlens.traces.trajectory import Trajectory
 
 SAMPLED_COLUMNS = ["trajectory_id", "problem_id", "direction", "control", "layer", "rel_pos", "wait_word",
                    "corrected", "value", "continuation"]

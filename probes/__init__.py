@@ -1,14 +1,14 @@
 """probes: learning and statistics on what hooks/ produced — no forward passes here."""
 
-from probes.estimator import LinearProbe
-from probes.folds import make_folds, shuffle_labels
-from probes.linear import CSV_COLUMNS, ProbeResult, fit_layer_probes
-from probes.metrics import auroc, expected_calibration_error
-from probes.patching import summarize_ablations, summarize_patches, wait_vs_random
-from probes.probe_data import load_probe_data
-from probes.stats import InsufficientDataError, bh_qvalues, cluster_bootstrap, wilson_ci
-from probes.tokens import TokenTable, compare_regimes, token_table, wait_distribution
-from probes.transfer import TransferResult, probe_cosines, transfer_matrix
+from waitlens.probes.estimator import LinearProbe
+from waitlens.probes.folds import make_folds, shuffle_labels
+from waitlens.probes.linear import CSV_COLUMNS, ProbeResult, fit_layer_probes
+from waitlens.probes.metrics import auroc, expected_calibration_error
+from waitlens.probes.patching import summarize_ablations, summarize_patches, wait_vs_random
+from waitlens.probes.probe_data import load_probe_data
+from waitlens.probes.stats import InsufficientDataError, bh_qvalues, cluster_bootstrap, wilson_ci
+from waitlens.probes.tokens import TokenTable, compare_regimes, token_table, wait_distribution
+from waitlens.probes.transfer import TransferResult, probe_cosines, transfer_matrix
 
 __all__ = [
     "CSV_COLUMNS", "LinearProbe", "ProbeResult", "TransferResult", "auroc", "expected_calibration_error",

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from probes.folds import Folds, check_labels
-from probes.linear import DEFAULT_CS, cross_validate
+from waitlens.probes.folds import Folds, check_labels
+from waitlens.probes.linear import DEFAULT_CS, cross_validate
 
 
 class LinearProbe:

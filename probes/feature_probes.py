@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from probes.folds import check_labels, make_folds
-from probes.linear import DEFAULT_CS, POSITION_FEATURES, cross_validate
-from probes.metrics import auroc_ci, paired_auroc_difference
-from probes.probe_data import CONTROL, words_list
+from waitlens.probes.folds import check_labels, make_folds
+from waitlens.probes.linear import DEFAULT_CS, POSITION_FEATURES, cross_validate
+from waitlens.probes.metrics import auroc_ci, paired_auroc_difference
+from waitlens.probes.probe_data import CONTROL, words_list
 
 FEATURE_COLUMNS = ["word", "features", "columns", "n_positions", "n_problems", "auroc", "auroc_lo", "auroc_hi",
                    "margin_vs_reference", "margin_lo", "margin_hi"]

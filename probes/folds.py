@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from probes.stats import InsufficientDataError
+from waitlens.probes.stats import InsufficientDataError
 
 
 @dataclass

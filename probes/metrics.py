@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from probes.stats import cluster_bootstrap
+from waitlens.probes.stats import cluster_bootstrap
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probes.stats import cluster_bootstrap
+from waitlens.probes.stats import cluster_bootstrap
 
 PATCH_EFFECT_COLUMNS = ["direction", "control", "layer", "rel_pos", "metric", "mean", "lo", "hi", "n"]
 SAMPLED_EFFECT_COLUMNS = ["direction", "control", "layer", "rel_pos", "rate", "lo", "hi", "n"]

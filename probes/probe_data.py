@@ -47,7 +47,7 @@ def load_probe_data(source, metadata: pd.DataFrame | None = None, *, words=None,
     if isinstance(source, tuple) and metadata is None:
         source, metadata = source
     if isinstance(source, (str, os.PathLike)):
-        from hooks.store import ActivationStore
+        from waitlens.hooks.store import ActivationStore
 
         source = ActivationStore(Path(source))
     if metadata is None:  # a store

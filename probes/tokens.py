@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from probes.stats import (
+from waitlens.probes.stats import (
     InsufficientDataError,
     bh_qvalues,
     cluster_bootstrap,

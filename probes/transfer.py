@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from probes.linear import DEFAULT_CS, ProbeResult, _torch_threads, _word_label, fit_layer_probes
-from probes.metrics import auroc_ci
-from probes.probe_data import ProbeData, load_probe_data
+from waitlens.probes.linear import DEFAULT_CS, ProbeResult, _torch_threads, _word_label, fit_layer_probes
+from waitlens.probes.metrics import auroc_ci
+from waitlens.probes.probe_data import ProbeData, load_probe_data
 
 TRANSFER_COLUMNS = ["train_model", "test_model", "word", "layer", "auroc", "auroc_lo", "auroc_hi",
                     "n_positions"]

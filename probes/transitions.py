@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from probes.stats import cluster_bootstrap
+from waitlens.probes.stats import cluster_bootstrap
 
 TRANSITION_COLUMNS = [
     "trajectory_id", "problem_id", "correct", "prefix", "prev_prefix", "token_index", "kind",

@@ -20,7 +20,7 @@ def make_tiny_qwen(path, *, layers: int = 3, d_model: int = 32, seed: int = 0, m
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from traces import PromptFormat
+    from waitlens.traces import PromptFormat
 
     torch.manual_seed(seed)
     vocab = {w: i for i, w in enumerate(WORDS)}
@@ -46,7 +46,7 @@ def tiny_qwen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_qwen_dir):
-    from hooks import load_model
+    from waitlens.hooks import load_model
 
     return load_model(str(tiny_qwen_dir), device="cpu", dtype="float32")
 
@@ -54,13 +54,13 @@ def tiny_model(tiny_qwen_dir):
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (fp32). The first load converts the GGUF (~35 s), then cached."""
-    from hooks import load_model
+    from waitlens.hooks import load_model
 
     return load_model("smollm2", device="cpu", dtype="float32")
 
 
 def tiny_trajectory(i: int = 0, reasoning: str | None = None, correct: bool = True):
-    from traces import Trajectory
+    from waitlens.traces import Trajectory
 
     reasoning = reasoning or "3 + 4 = 7 ; wait 3 + 4 = 7 so 7 - 2 = 5 therefore 5"
     return Trajectory(id=f"t{i}", problem_id=f"p{i // 2}", prompt="Q 3 + 4 - 2 ;",

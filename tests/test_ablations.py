@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hooks import load_model
-from hooks.ablations import ablate, ablate_text, neutral_word, split_steps
+from waitlens.hooks import load_model
+from waitlens.hooks.ablations import ablate, ablate_text, neutral_word, split_steps
 from tests.conftest import make_tiny_qwen, tiny_trajectory
-from traces import Trajectory
+from waitlens.traces import Trajectory
 
 SEPS = (";", "so", "therefore")
 

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hooks.answer import (
+from waitlens.hooks.answer import (
     NoForcingSuffixError,
     answer_curves,
     answer_probabilities,
@@ -16,7 +16,7 @@ from hooks.answer import (
     suffix_tokens,
 )
 from tests.conftest import tiny_trajectory
-from traces import Trajectory, find_positions
+from waitlens.traces import Trajectory, find_positions
 
 
 def _agree(model, traj, prefixes, **kw):
@@ -115,8 +115,8 @@ def _organism_dir(regime: str):
 @pytest.mark.parametrize("regime", ["post-large", "sft-1k"])
 def test_branching_equals_recompute_organism(regime):
     assert _organism_dir(regime) is not None, f"organism weights for {regime} are missing from the repo"
-    from experiments.organism.task import TRACE_CORPUS, make_trace, random_problem
-    from hooks import load_model
+    from waitlens.experiments.organism.task import TRACE_CORPUS, make_trace, random_problem
+    from waitlens.hooks import load_model
 
     model = load_model(f"organism:{regime}", device="cpu", dtype="float32")
     rng = np.random.default_rng(0)

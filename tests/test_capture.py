@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-import hooks.capture as capmod
-from hooks import (
+import waitlens.hooks.capture as capmod
+from waitlens.hooks import (
     ContextLengthError,
     IncompleteStoreError,
     StoreError,
     capture_residuals,
     open_store,
 )
-from hooks.points import residual_hooks
+from waitlens.hooks.points import residual_hooks
 from tests.conftest import make_tiny_qwen, tiny_trajectory
-from traces import Trajectory, control_positions, find_positions, save_trajectories
+from waitlens.traces import Trajectory, control_positions, find_positions, save_trajectories
 
 TOL = 1e-4
 CLAUSES = ["3 + 4 = 7 ;", "wait 7 - 2 = 5 ;", "so 5 + 1 = 6", "hmm check 6 ;", "therefore 9 - 3 = 6 ;",
@@ -189,7 +189,7 @@ def test_resume_after_kill(tiny_model, trajs, positions, tmp_path, monkeypatch):
 
 
 def test_kill_during_shard_write_leaves_no_partial_file(tiny_model, trajs, positions, tmp_path, monkeypatch):
-    import hooks.store as storemod
+    import waitlens.hooks.store as storemod
 
     real = storemod.save_file
 
@@ -321,7 +321,7 @@ def test_smollm2_names_match_transformerlens(smollm2, smol_trajs, tmp_path):
 
 # -- CLI --------------------------------------------------------------------------------------
 def cli(*args):
-    from experiments.cli import main
+    from waitlens.experiments.cli import main
 
     return main(["capture", *map(str, args)])
 

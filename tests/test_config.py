@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.config import CONFIG_DIR, ConfigError, check_models, load_config, parse_config
+from waitlens.experiments.config import CONFIG_DIR, ConfigError, check_models, load_config, parse_config
 
 
 def test_shipped_configs_parse():
@@ -55,7 +55,7 @@ def test_patching_between_different_shapes_is_refused(tmp_path):
 
 
 def test_window_value_may_start_with_a_minus():
-    from experiments.cli import build_parser, join_negative_values
+    from waitlens.experiments.cli import build_parser, join_negative_values
 
     argv = ["patch", "--source", "a", "--target", "b", "--trajectories", "t", "--out", "o", "--window", "-2:4"]
     assert join_negative_values(argv)[-1] == "--window=-2:4"

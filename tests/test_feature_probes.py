@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.feature_probes import FEATURE_COLUMNS, feature_probes
-from probes.linear import fit_layer_probes
-from probes.synthetic import planted_states
+from waitlens.probes.feature_probes import FEATURE_COLUMNS, feature_probes
+from waitlens.probes.linear import fit_layer_probes
+from waitlens.probes.synthetic import planted_states
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hooks.generate import generate, generate_trajectories, split_completion  # noqa: E402
-from traces.formats import PLAIN, PromptFormat  # noqa: E402
+from waitlens.hooks.generate import generate, generate_trajectories, split_completion  # noqa: E402
+from waitlens.traces.formats import PLAIN, PromptFormat  # noqa: E402
 
 FMT = PromptFormat(name="organism", prompt_sep=" ", think_close=" ; ", answer_prefix="A ", answer_suffix=" <eos>")
 
@@ -22,14 +22,14 @@ def test_split_completion_plain_and_flexible():
     assert split_completion("3 + 4 = 7 so", FMT) == ("3 + 4 = 7 so", None)
     assert split_completion("think\nAnswer: 42", PLAIN) == ("think", "42")
     # a chat model's own capitalisation, and chatter after the answer line
-    from traces.formats import CHAT
+    from waitlens.traces.formats import CHAT
 
     assert split_completion("6 + 15 = 21\nFinal Answer: 21\n\nI checked it.", CHAT) == ("6 + 15 = 21", "21")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from experiments.organism.model import FORMAT, build_model, build_tokenizer
+    from waitlens.experiments.organism.model import FORMAT, build_model, build_tokenizer
 
     d = tmp_path_factory.mktemp("tiny")
     tok = build_tokenizer(d)
@@ -64,8 +64,8 @@ def test_generate_trajectories_graded(tiny_model):
 
 
 def test_forced_answer_is_the_greedy_continuation_after_the_suffix(tiny_model):
-    from hooks.generate import continue_texts
-    from traces.formats import render_head
+    from waitlens.hooks.generate import continue_texts
+    from waitlens.traces.formats import render_head
 
     probs = [{"id": "a", "prompt": PROMPTS[0], "gold": "6"}, {"id": "b", "prompt": PROMPTS[1], "gold": "3"}]
     plain = generate_trajectories(tiny_model, probs, 2, max_new_tokens=6, seed=0, batch_size=4)

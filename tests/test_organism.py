@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.organism import registry
-from experiments.organism.task import (
+from waitlens.experiments.organism import registry
+from waitlens.experiments.organism.task import (
     BASE_CORPUS,
     TRACE_CORPUS,
     VIGILANT_CORPUS,
@@ -23,7 +23,7 @@ from experiments.organism.task import (
     make_trace,
     random_problem,
 )
-from traces import Trajectory, find_positions, grade, render
+from waitlens.traces import Trajectory, find_positions, grade, render
 
 ORG = Path(registry.__file__).resolve().parent
 
@@ -93,7 +93,7 @@ def test_analyze_examples_and_malformed():
 
 
 def test_eval_problems_are_held_out():
-    from experiments.organism.sample import eval_problems
+    from waitlens.experiments.organism.sample import eval_problems
 
     rng = np.random.default_rng(0)
     train = {random_problem(rng).text for _ in range(2000)}
@@ -103,7 +103,7 @@ def test_eval_problems_are_held_out():
 
 # -- tokenizer and format ----------------------------------------------------------------------
 def test_tokenizer_round_trip(tmp_path):
-    from experiments.organism.model import FORMAT, build_tokenizer, encode
+    from waitlens.experiments.organism.model import FORMAT, build_tokenizer, encode
 
     tok = build_tokenizer(tmp_path)
     assert tok.is_fast
@@ -128,7 +128,7 @@ def test_tokenizer_round_trip(tmp_path):
 # -- training --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smoke_dirs(tmp_path_factory):
-    from experiments.organism.train import SMOKE, train_all
+    from waitlens.experiments.organism.train import SMOKE, train_all
 
     a = train_all(tmp_path_factory.mktemp("a"), seed=5, config=SMOKE, progress=False, log=lambda *_: None)
     b = train_all(tmp_path_factory.mktemp("b"), seed=5, config=SMOKE, progress=False, log=lambda *_: None)
@@ -154,7 +154,7 @@ def test_smoke_training_is_deterministic(smoke_dirs, tmp_path):
 def test_smoke_dir_loads_and_samples(smoke_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from experiments.organism.sample import evaluate, load, sample
+    from waitlens.experiments.organism.sample import evaluate, load, sample
 
     d = smoke_dirs[0]["sft-1k"]
     assert type(AutoModelForCausalLM.from_pretrained(d)).__name__ == "Qwen2ForCausalLM"
@@ -168,7 +168,7 @@ def test_smoke_dir_loads_and_samples(smoke_dirs):
         assert t.correct in (True, False) and (not truth["malformed"] or t.correct is False)
     assert evaluate(trajs)["n"] == 6
     # the eval table is valid markdown: "|" inside a metric name ("P(wait | slip)") is escaped
-    from experiments.organism.sample import format_table
+    from waitlens.experiments.organism.sample import format_table
 
     table = format_table({"a": evaluate(trajs), "b": evaluate(trajs)})
     assert {len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()} == {4}
@@ -183,7 +183,7 @@ def test_registry_error_lists_variants():
 
 
 def test_cli_unknown_spec(capsys):
-    from experiments.cli import main
+    from waitlens.experiments.cli import main
 
     assert main(["organism", "eval", "--model", "organism:huge", "--n", "2"]) == 2
     assert "valid variants" in capsys.readouterr().err
@@ -207,14 +207,14 @@ def test_shipped_weights_are_the_committed_ones():
 
 @pytest.fixture(scope="module")
 def shipped_eval():
-    from experiments.organism.sample import evaluate, load, sample
+    from waitlens.experiments.organism.sample import evaluate, load, sample
 
     return {r: evaluate(sample(load(f"organism:{r}"), 400, seed=11, progress=False))
             for r in ("sft-1k", "post-large")}
 
 
 def test_shipped_models_load_through_hooks():
-    from hooks.models import load_model
+    from waitlens.hooks.models import load_model
 
     m = load_model("organism:post-large")
     assert m.format.forcing_suffix == " ; A " and type(m.hf).__name__ == "Qwen2ForCausalLM"
@@ -230,9 +230,9 @@ def test_planted_signal_post_large_waits_fix(shipped_eval):
 
 def test_capture_matches_full_forward_on_organism(tmp_path):
     """The foundation's capture equivalence on the organism: captured states == a full forward."""
-    import hooks.capture as capture
-    from experiments.organism.sample import sample
-    from hooks.models import load_model
+    import waitlens.hooks.capture as capture
+    from waitlens.experiments.organism.sample import sample
+    from waitlens.hooks.models import load_model
     from tests.test_capture import check_against_full_forward
 
     model = load_model("organism:post-large")
@@ -247,9 +247,9 @@ def test_wait_truth_columns_match_what_the_generator_planted(tmp_path):
     """`add_wait_truth` puts, on each "wait" position, whether the step just written was a slip
     and whether the running value written just before the wait is wrong — checked against the
     generator's own record and the problem's true values."""
-    from experiments.organism.model import FORMAT, build_tokenizer
-    from experiments.organism.sample import add_truth
-    from experiments.organism.wait_truth import add_wait_truth
+    from waitlens.experiments.organism.model import FORMAT, build_tokenizer
+    from waitlens.experiments.organism.sample import add_truth
+    from waitlens.experiments.organism.wait_truth import add_wait_truth
 
     tok = build_tokenizer(tmp_path)
     rng = np.random.default_rng(3)
@@ -282,7 +282,7 @@ class _OracleDetector:
     def __init__(self):
         import torch
 
-        from experiments.organism.task import TOKEN_ID, VOCAB
+        from waitlens.experiments.organism.task import TOKEN_ID, VOCAB
 
         self.V, self.T = len(VOCAB), TOKEN_ID
         self.model = type("M", (), {"norm": staticmethod(lambda h: h)})()
@@ -290,7 +290,7 @@ class _OracleDetector:
         self.torch = torch
 
     def __call__(self, ids, output_hidden_states=True):
-        from experiments.organism.task import VOCAB
+        from waitlens.experiments.organism.task import VOCAB
 
         torch, T = self.torch, self.T
         x = ids[0].tolist()
@@ -307,8 +307,8 @@ class _OracleDetector:
 
 
 def test_detection_diagnostic_sees_a_planted_detector_and_the_vigilant_post_large_only():
-    from experiments.organism.detect import detection
-    from experiments.organism.sample import load
+    from waitlens.experiments.organism.detect import detection
+    from waitlens.experiments.organism.sample import load
 
     oracle = detection(_OracleDetector(), n=80, n_boot=100)
     assert oracle["detection_auroc"]["value"] == 1.0
@@ -332,9 +332,9 @@ def test_organism_study_writes_ground_truth_probes(tmp_path):
     (feature probes on what a model could know at "wait") and state probes for those facts."""
     import pandas as pd
 
-    from experiments.config import parse_config
-    from experiments.runner import run_study
-    from experiments.study import study_stages
+    from waitlens.experiments.config import parse_config
+    from waitlens.experiments.runner import run_study
+    from waitlens.experiments.study import study_stages
 
     raw = {
         "name": "org-small", "seed": 0, "lexicon": ["wait", "so", "therefore", "alternatively"],
@@ -370,9 +370,9 @@ def test_probe_at_wait_finds_correctness_in_the_vigilant_post_large_only(tmp_pat
     import pandas as pd
     import tomllib
 
-    from experiments.config import CONFIG_DIR, parse_config
-    from experiments.runner import run_study
-    from experiments.study import study_stages
+    from waitlens.experiments.config import CONFIG_DIR, parse_config
+    from waitlens.experiments.runner import run_study
+    from waitlens.experiments.study import study_stages
 
     raw = tomllib.loads((CONFIG_DIR / "organism-vigilant.toml").read_text())
     raw["stages"] = ["trajectories", "positions", "capture", "probes"]

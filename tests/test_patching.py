@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hooks import load_model
-from hooks.alignment import PairError
-from hooks.patching import capture_resid_pre, patch, prepare_cases, run_patched
+from waitlens.hooks import load_model
+from waitlens.hooks.alignment import PairError
+from waitlens.hooks.patching import capture_resid_pre, patch, prepare_cases, run_patched
 from tests.conftest import make_tiny_qwen, tiny_trajectory
 
 
@@ -120,7 +120,7 @@ def test_attribution_tracks_exact_for_small_patches(pair):
         r = np.corrcoef(s["effect"], s["attribution"])[0, 1]
         assert r > 0.95, (m, r)
     with pytest.raises(ValueError, match="zero gradient"):
-        from hooks.patching import attribute
+        from waitlens.hooks.patching import attribute
 
         attribute(b, a, trajs(), metrics=["kl"])
 
@@ -155,8 +155,8 @@ def test_bad_pairs(pair, tmp_path):
 
 
 def test_cli_patch_writes_table(pair, tmp_path):
-    from experiments.cli import main
-    from traces import save_trajectories
+    from waitlens.experiments.cli import main
+    from waitlens.traces import save_trajectories
 
     a, _, b = pair
     f = save_trajectories(trajs(4), tmp_path / "t.jsonl")
@@ -174,8 +174,8 @@ def test_cli_patch_writes_table(pair, tmp_path):
 
 
 def test_cli_ablate(pair, tmp_path):
-    from experiments.cli import main
-    from traces import save_trajectories
+    from waitlens.experiments.cli import main
+    from waitlens.traces import save_trajectories
 
     a, _, _ = pair
     f = save_trajectories(trajs(4), tmp_path / "t.jsonl")

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from probes.estimator import LinearProbe
-from probes.folds import make_folds, shuffle_labels
-from probes.linear import CSV_COLUMNS, DEFAULT_CS, cross_validate, fit_layer_probes
-from probes.metrics import auroc, expected_calibration_error
-from probes.synthetic import leaky_states, planted_states
-from probes.transfer import transfer_matrix
+from waitlens.probes.estimator import LinearProbe
+from waitlens.probes.folds import make_folds, shuffle_labels
+from waitlens.probes.linear import CSV_COLUMNS, DEFAULT_CS, cross_validate, fit_layer_probes
+from waitlens.probes.metrics import auroc, expected_calibration_error
+from waitlens.probes.synthetic import leaky_states, planted_states
+from waitlens.probes.transfer import transfer_matrix
 
 FAST = {"n_boot": 200, "threads": 1}
 
@@ -95,7 +95,7 @@ def test_planted_leakage_grouped_cv_is_chance_ungrouped_is_not():
 
 
 def test_fast_path_equals_naive_per_layer_loop():
-    from experiments.benchmarks.probes import naive_layer_loop
+    from waitlens.experiments.benchmarks.probes import naive_layer_loop
 
     X, meta = planted_states(30, 2, 3, n_layers=3, d_model=16, planted_layer=1, signal=1.0, controls=False)
     y = meta["correct"].to_numpy().astype(int)
@@ -136,7 +136,7 @@ def test_ece_of_calibrated_probabilities_is_near_zero():
 
 
 def test_transfer_between_copies_of_one_store_is_the_self_probe(planted, planted_result, tmp_path):
-    from hooks.store import write_store
+    from waitlens.hooks.store import write_store
 
     X, meta = planted
     write_store(tmp_path / "a", torch.from_numpy(X), meta, {"model": "a"})
@@ -194,7 +194,7 @@ def test_missing_word_is_an_error(planted):
 
 
 def test_per_word_and_store_input(planted, tmp_path):
-    from hooks.store import write_store
+    from waitlens.hooks.store import write_store
 
     X, meta = planted
     meta = meta.copy()
@@ -220,8 +220,8 @@ def test_linear_probe_estimator(planted):
 
 # -- the command line ---------------------------------------------------------------------------
 def test_cli_writes_probe_results_and_figures(planted, tmp_path):
-    from experiments.cli import main
-    from hooks.store import write_store
+    from waitlens.experiments.cli import main
+    from waitlens.hooks.store import write_store
 
     X, meta = planted
     write_store(tmp_path / "a", torch.from_numpy(X), meta, {"model": "a"})

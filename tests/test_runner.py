@@ -9,11 +9,11 @@ import json
 import pandas as pd
 import pytest
 
-from experiments.config import parse_config
-from experiments.runner import read_manifest, run_study
-from experiments.study import study_stages
+from waitlens.experiments.config import parse_config
+from waitlens.experiments.runner import read_manifest, run_study
+from waitlens.experiments.study import study_stages
 from tests.conftest import make_tiny_qwen
-from traces import Trajectory, save_trajectories
+from waitlens.traces import Trajectory, save_trajectories
 
 
 def _trajectories(n_problems: int = 10) -> list[Trajectory]:
@@ -79,7 +79,7 @@ def test_killed_capture_resumes_and_matches(study, monkeypatch):
     root, cfg = study
     clean = run_study(cfg, study_stages(), runs_root=root / "clean", quiet=True)
 
-    import hooks.capture as capture_mod
+    import waitlens.hooks.capture as capture_mod
 
     real = capture_mod.write_shard
     calls = {"n": 0}

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-import hooks
-from hooks.generate import continue_texts
-from hooks.sampled import SAMPLED_COLUMNS, sampled_corrections
+from waitlens import hooks
+from waitlens.hooks.generate import continue_texts
+from waitlens.hooks.sampled import SAMPLED_COLUMNS, sampled_corrections
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def post():
 
 @pytest.fixture(scope="module")
 def slip_trajs(sft):
-    from experiments.organism.sample import sample
+    from waitlens.experiments.organism.sample import sample
 
     trajs = sample(sft, 60, seed=1, progress=False)
     chosen = [t for t in trajs if any(w["after_slip"] for w in t.extra["truth"]["waits"])][:4]
@@ -62,7 +62,7 @@ def test_columns_and_clean_matches_hf_generate(sft, post, slip_trajs):
 
 
 def test_no_wait_after_a_slip_raises(sft, post, slip_trajs):
-    from experiments.organism.sample import sample
+    from waitlens.experiments.organism.sample import sample
 
     none = [t for t in sample(sft, 60, seed=1, progress=False)
             if not any(w["after_slip"] for w in t.extra["truth"]["waits"])][:5]
@@ -76,7 +76,7 @@ def test_no_wait_after_a_slip_raises(sft, post, slip_trajs):
 def test_summarize_sampled_rates_per_cell():
     import pandas as pd
 
-    from probes.patching import SAMPLED_EFFECT_COLUMNS, summarize_sampled
+    from waitlens.probes.patching import SAMPLED_EFFECT_COLUMNS, summarize_sampled
 
     t = pd.DataFrame({
         "direction": ["a<-b"] * 6, "problem_id": ["p0", "p1", "p0", "p1", "p0", "p1"],

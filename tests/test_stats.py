@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from probes.stats import bh_qvalues, cluster_bootstrap, mann_whitney_auroc, wilson_ci
+from waitlens.probes.stats import bh_qvalues, cluster_bootstrap, mann_whitney_auroc, wilson_ci
 
 
 def test_cluster_bootstrap_width_follows_groups_not_rows():

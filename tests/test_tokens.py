@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hooks.logprobs import token_logprobs, token_occurrences
-from probes.tokens import compare_regimes, to_markdown, token_table, wait_distribution, wait_summary
+from waitlens.hooks.logprobs import token_logprobs, token_occurrences
+from waitlens.probes.tokens import compare_regimes, to_markdown, token_table, wait_distribution, wait_summary
 from tests.conftest import tiny_trajectory
-from traces import Trajectory, find_positions
+from waitlens.traces import Trajectory, find_positions
 
 
 def _synthetic(n_problems: int = 30, seed: int = 0):
@@ -99,8 +99,8 @@ def test_wait_distribution_and_summary(tiny_model):
 
 
 def test_cli_tokens_and_answers(tiny_qwen_dir, tmp_path):
-    from experiments.cli import main
-    from traces import save_trajectories
+    from waitlens.experiments.cli import main
+    from waitlens.traces import save_trajectories
 
     trajs = [tiny_trajectory(i, correct=i % 2 == 0, reasoning=None if i % 3 else "3 + 4 = 7 ; 7 - 2 = 5 so 5")
              for i in range(8)]
@@ -121,8 +121,8 @@ def test_cli_tokens_and_answers(tiny_qwen_dir, tmp_path):
 
 
 def test_cli_refuses_a_model_given_twice(tiny_qwen_dir, tmp_path, capsys):
-    from experiments.cli import main
-    from traces import save_trajectories
+    from waitlens.experiments.cli import main
+    from waitlens.traces import save_trajectories
 
     f = save_trajectories([tiny_trajectory(i, correct=i % 2 == 0) for i in range(4)], tmp_path / "t.jsonl")
     m = str(tiny_qwen_dir)

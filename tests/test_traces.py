@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from traces import (
+from waitlens.traces import (
     Lexicon,
     Trajectory,
     TrajectoryFileError,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.transitions import (
+from waitlens.probes.transitions import (
     align_events,
     alignment_summary,
     compare_alignment,
@@ -87,7 +87,7 @@ def test_no_waits_is_a_message_and_curves_around():
 
 
 def test_truth_annotation_and_comparison():
-    from probes.transitions import annotate_truth, compare_rates, truth_alignment
+    from waitlens.probes.transitions import annotate_truth, compare_rates, truth_alignment
 
     curves, waits, controls = _planted(n=20)
     tr = find_transitions(curves)

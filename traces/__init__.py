@@ -3,7 +3,7 @@
 No forward passes and no model weights here; tokenizers only.
 """
 
-from traces.formats import (
+from waitlens.traces.formats import (
     PRESETS,
     PromptFormat,
     Rendered,
@@ -12,10 +12,10 @@ from traces.formats import (
     load_format,
     render,
 )
-from traces.grading import grade, normalize_answer
-from traces.lexicon import DEFAULT_WORDS, Lexicon
-from traces.positions import Positions, control_positions, find_positions
-from traces.trajectory import Trajectory, TrajectoryFileError, load_trajectories, save_trajectories
+from waitlens.traces.grading import grade, normalize_answer
+from waitlens.traces.lexicon import DEFAULT_WORDS, Lexicon
+from waitlens.traces.positions import Positions, control_positions, find_positions
+from waitlens.traces.trajectory import Trajectory, TrajectoryFileError, load_trajectories, save_trajectories
 
 __all__ = [
     "DEFAULT_WORDS", "Lexicon", "PRESETS", "Positions", "PromptFormat", "Rendered", "Trajectory",

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from traces.trajectory import Trajectory
+from waitlens.traces.trajectory import Trajectory
 
 FORMAT_FILE = "waitlens_format.json"
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from traces.formats import PromptFormat, Rendered, get_format, render
-from traces.lexicon import Lexicon
-from traces.trajectory import Trajectory
+from waitlens.traces.formats import PromptFormat, Rendered, get_format, render
+from waitlens.traces.lexicon import Lexicon
+from waitlens.traces.trajectory import Trajectory
 
 COLUMNS = [
     "trajectory_id", "problem_id", "word", "surface", "anchor", "token_index",

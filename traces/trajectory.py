@@ -101,7 +101,7 @@ def load_trajectories(path: str | os.PathLike, *, grade_missing: bool = True) ->
     allowed. Trajectories without `correct` are graded against `gold` (see `traces.grade`)
     unless `grade_missing=False`. Duplicate ids are an error.
     """
-    from traces.grading import grade
+    from waitlens.traces.grading import grade
 
     path = Path(path)
     out: list[Trajectory] = []

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from hooks.answer import answer_probabilities
-from hooks.models import LoadedModel
-from traces.formats import PromptFormat
-from traces.trajectory import Trajectory
+from waitlens.hooks.answer import answer_probabilities
+from waitlens.hooks.models import LoadedModel
+from waitlens.traces.formats import PromptFormat
+from waitlens.traces.trajectory import Trajectory
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Q", "A", ";", "=", "+", "-", "so", "wait"] + [str(i) for i in range(10)]
 

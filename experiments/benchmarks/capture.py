@@ -49,7 +49,7 @@ def build_toy(path: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from traces import PromptFormat
+    from waitlens.traces import PromptFormat
 
     words = ["<pad>", "<bos>", "<eos>", "<unk>", "Q", "A", "wait"] + [str(i) for i in range(100)]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -68,7 +68,7 @@ def toy_trajectory(n_tokens: int, n_positions: int, seed: int = 0):
     """A trajectory of exactly `n_tokens` tokens on the toy tokenizer, with `n_positions` "wait"s."""
     import random
 
-    from traces import Trajectory
+    from waitlens.traces import Trajectory
 
     rng = random.Random(seed)
     n_reason = n_tokens - 4  # <bos> Q reasoning A 7
@@ -79,7 +79,7 @@ def toy_trajectory(n_tokens: int, n_positions: int, seed: int = 0):
 
 
 def smol_trajectory(model, n_tokens: int, n_positions: int):
-    from traces import Trajectory
+    from waitlens.traces import Trajectory
 
     unit = "Let me add the numbers one by one and keep a running total. "
     text, k = "", 0
@@ -96,8 +96,8 @@ class Setup:
     def __init__(self, spec: str, n_tokens: int, n_positions: int, store_root: Path):
         import torch
 
-        from hooks import load_model
-        from traces import find_positions
+        from waitlens.hooks import load_model
+        from waitlens.traces import find_positions
 
         torch.manual_seed(0)
         self.model = load_model(spec, device="cpu", dtype="float32")
@@ -121,7 +121,7 @@ class Setup:
             return self.model.hf(self.ids, use_cache=False).logits.shape
 
     def waitlens(self):
-        from hooks import capture_residuals
+        from waitlens.hooks import capture_residuals
 
         self.k += 1
         return capture_residuals(self.model, [self.traj], self.positions, self.store_root / f"s{self.k}",

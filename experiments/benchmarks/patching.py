@@ -27,7 +27,7 @@ import warnings
 def _stand_in(tmp: str, n: int, perturb: float):
     import torch
 
-    from hooks import load_model
+    from waitlens.hooks import load_model
     from tests.conftest import make_tiny_qwen, tiny_trajectory
 
     base = load_model(str(make_tiny_qwen(f"{tmp}/base", layers=4, d_model=64, seed=0)), device="cpu", dtype="float32")
@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from hooks import load_model
-    from hooks.patching import patch
-    from probes.patching import attribution_agreement
+    from waitlens.hooks import load_model
+    from waitlens.hooks.patching import patch
+    from waitlens.probes.patching import attribution_agreement
 
     torch.set_num_threads(args.threads)
     if args.stand_in:
@@ -74,11 +74,11 @@ def main(argv=None) -> int:
     else:
         source, target = load_model(args.source, device="cpu"), load_model(args.target, device="cpu")
         if args.trajectories:
-            from traces import load_trajectories
+            from waitlens.traces import load_trajectories
 
             trajs = load_trajectories(args.trajectories)[: args.n]
         else:
-            from experiments.organism.sample import sample
+            from waitlens.experiments.organism.sample import sample
 
             trajs = sample(target, args.n, seed=0)
     print(f"{target.spec} <- {source.spec}: {len(trajs)} trajectories, window {args.window}, layers {args.layers}")

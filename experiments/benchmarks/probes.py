@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from hooks.store import ActivationStore, write_store
-    from probes.folds import make_folds, shuffle_labels
-    from probes.linear import DEFAULT_CS, cross_validate, fit_layer_probes
-    from probes.metrics import auroc
-    from probes.probe_data import load_probe_data
-    from probes.synthetic import planted_states
+    from waitlens.hooks.store import ActivationStore, write_store
+    from waitlens.probes.folds import make_folds, shuffle_labels
+    from waitlens.probes.linear import DEFAULT_CS, cross_validate, fit_layer_probes
+    from waitlens.probes.metrics import auroc
+    from waitlens.probes.probe_data import load_probe_data
+    from waitlens.probes.synthetic import planted_states
 
     per_traj = 5
     n_traj = max(args.n // per_traj, 2)  # every row a 'wait' row (no control rows)

@@ -36,8 +36,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hooks import capture_residuals, load_model
-    from traces import control_positions, find_positions, load_trajectories
+    from waitlens.hooks import capture_residuals, load_model
+    from waitlens.traces import control_positions, find_positions, load_trajectories
 
     trajectories = load_trajectories(args.trajectories)
     model = load_model(args.model, device=args.device, dtype=args.model_dtype, format=args.format)

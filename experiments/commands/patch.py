@@ -72,7 +72,7 @@ def _setup(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from traces import load_trajectories
+    from waitlens.traces import load_trajectories
 
     trajs = load_trajectories(args.trajectories)
     if args.limit:
@@ -83,7 +83,7 @@ def _setup(args):
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    from hooks import load_model
+    from waitlens.hooks import load_model
 
     trajs, out = _setup(args)
     metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
@@ -102,10 +102,10 @@ def patch_to_dir(source, target, trajs, out: Path, *, layers="all", window="-2:4
                  attribution=False, sampled=False, kl_positions=8, n_boot=1000, seed=0, progress=True,
                  manifest: dict | None = None) -> dict:
     """Patch `source` -> `target` (and back), write tables and figures into `out`; returns a summary."""
-    from experiments.plots import save_figure
-    from experiments.plots.patching import attribution_scatter, heatmaps, layer_curves
-    from hooks.patching import DIFFERENTIABLE, patch
-    from probes.patching import attribution_agreement, summarize_patches, wait_vs_random
+    from waitlens.experiments.plots import save_figure
+    from waitlens.experiments.plots.patching import attribution_scatter, heatmaps, layer_curves
+    from waitlens.hooks.patching import DIFFERENTIABLE, patch
+    from waitlens.probes.patching import attribution_agreement, summarize_patches, wait_vs_random
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,9 +155,9 @@ def _sampled_to_dir(pairs, trajs, out: Path, *, layers, window, n_boot, seed, pr
     does the patched model write the corrected value?"""
     import pandas as pd
 
-    from hooks.patch_cases import parse_window
-    from hooks.sampled import sampled_corrections
-    from probes.patching import summarize_sampled
+    from waitlens.hooks.patch_cases import parse_window
+    from waitlens.hooks.sampled import sampled_corrections
+    from waitlens.probes.patching import summarize_sampled
 
     lo, _ = parse_window(window)
     tables = []
@@ -175,8 +175,8 @@ def _sampled_to_dir(pairs, trajs, out: Path, *, layers, window, n_boot, seed, pr
 
 
 def run_ablate(args: argparse.Namespace) -> int:
-    from hooks import load_model
-    from hooks.ablations import KINDS
+    from waitlens.hooks import load_model
+    from waitlens.hooks.ablations import KINDS
 
     trajs, out = _setup(args)
     kinds = list(KINDS) if args.kind == "all" else [k.strip() for k in args.kind.split(",") if k.strip()]
@@ -196,10 +196,10 @@ def ablate_to_dir(model, trajs, out: Path, *, kinds, word="wait", neutral=None, 
     """Run each ablation kind on `trajs`, write tables and a figure into `out`; returns the summary table."""
     import pandas as pd
 
-    from experiments.plots import save_figure
-    from experiments.plots.patching import ablation_bars
-    from hooks.ablations import ablate
-    from probes.patching import summarize_ablations
+    from waitlens.experiments.plots import save_figure
+    from waitlens.experiments.plots.patching import ablation_bars
+    from waitlens.hooks.ablations import ablate
+    from waitlens.probes.patching import summarize_ablations
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from experiments.config import load_config
-    from experiments.runner import read_manifest, run_study
-    from experiments.study import study_stages
+    from waitlens.experiments.config import load_config
+    from waitlens.experiments.runner import read_manifest, run_study
+    from waitlens.experiments.study import study_stages
 
     cfg = load_config(args.config)
     run_dir = run_study(cfg, study_stages(), runs_root=args.runs, only=args.only, force=args.force, quiet=args.quiet)

@@ -61,8 +61,8 @@ def register(subparsers) -> None:
 
 def _load(args):
     """[(spec, model, trajectories)] with the trajectory files paired to the models."""
-    from hooks.models import load_model
-    from traces.trajectory import load_trajectories
+    from waitlens.hooks.models import load_model
+    from waitlens.traces.trajectory import load_trajectories
 
     specs, files = args.model, args.trajectories
     if len(files) not in (1, len(specs)):
@@ -118,17 +118,17 @@ def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1
 
     import pandas as pd
 
-    from experiments.plots import save_figure
-    from experiments.plots.tokens import plot_top_tokens, plot_wait_histograms
-    from hooks.logprobs import token_occurrences
-    from probes.tokens import (
+    from waitlens.experiments.plots import save_figure
+    from waitlens.experiments.plots.tokens import plot_top_tokens, plot_wait_histograms
+    from waitlens.hooks.logprobs import token_occurrences
+    from waitlens.probes.tokens import (
         compare_regimes,
         to_markdown,
         token_table,
         wait_distribution,
         wait_summary,
     )
-    from traces import Lexicon, find_positions
+    from waitlens.traces import Lexicon, find_positions
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,10 +204,10 @@ def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, ev
 
     import pandas as pd
 
-    from experiments.plots import save_figure
-    from experiments.plots.tokens import plot_alignment, plot_curves_around
-    from hooks.answer import answer_curves, forcing_suffix
-    from probes.transitions import (
+    from waitlens.experiments.plots import save_figure
+    from waitlens.experiments.plots.tokens import plot_alignment, plot_curves_around
+    from waitlens.hooks.answer import answer_curves, forcing_suffix
+    from waitlens.probes.transitions import (
         align_events,
         alignment_summary,
         annotate_truth,
@@ -217,7 +217,7 @@ def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, ev
         find_transitions,
         truth_alignment,
     )
-    from traces import Lexicon, control_positions, find_positions
+    from waitlens.traces import Lexicon, control_positions, find_positions
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.organism.registry import REGIMES
+from waitlens.experiments.organism.registry import REGIMES
 
 MODEL_HELP = f"organism:<regime> ({', '.join(REGIMES)}) or a regime directory from `train --out`"
 
@@ -58,8 +58,8 @@ def _model_args(p, nargs=None) -> None:
 
 
 def cmd_train(args) -> int:
-    from experiments.organism.registry import WEIGHTS_DIR
-    from experiments.organism.train import SMOKE, TrainConfig, train_all, write_shipped_manifest
+    from waitlens.experiments.organism.registry import WEIGHTS_DIR
+    from waitlens.experiments.organism.train import SMOKE, TrainConfig, train_all, write_shipped_manifest
 
     out = Path(args.out) if args.out else WEIGHTS_DIR
     train_all(out, seed=args.seed, config=SMOKE if args.smoke else TrainConfig())
@@ -69,14 +69,14 @@ def cmd_train(args) -> int:
 
 
 def _sample(spec: str, args):
-    from experiments.organism.sample import load, sample
+    from waitlens.experiments.organism.sample import load, sample
 
     model = load(spec)
     return sample(model, args.n, temperature=args.temperature, seed=args.seed, n_per_problem=args.per_problem)
 
 
 def cmd_sample(args) -> int:
-    from traces.trajectory import save_trajectories
+    from waitlens.traces.trajectory import save_trajectories
 
     trajs = _sample(args.model, args)
     path = save_trajectories(trajs, args.out)
@@ -86,7 +86,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from experiments.organism.sample import evaluate, format_table, resolve_spec
+    from waitlens.experiments.organism.sample import evaluate, format_table, resolve_spec
 
     for spec in args.model:
         resolve_spec(spec)  # fail early on an unknown spec
@@ -105,8 +105,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from experiments.organism.detect import detection, format_detection
-    from experiments.organism.sample import load, resolve_spec
+    from waitlens.experiments.organism.detect import detection, format_detection
+    from waitlens.experiments.organism.sample import load, resolve_spec
 
     for spec in args.model:
         resolve_spec(spec)  # fail early on an unknown spec

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.organism.task import TOKEN_ID, CorpusSpec, make_trace, random_problem
+from waitlens.experiments.organism.task import TOKEN_ID, CorpusSpec, make_trace, random_problem
 
 PROBE_CORPUS = CorpusSpec("detect", slip=0.3)  # plain steps, no discourse words
 
@@ -37,8 +37,8 @@ def detection(model, n: int = 400, seed: int = 123, n_boot: int = 1000) -> dict[
 def _detection(model, n: int, seed: int, n_boot: int) -> dict[str, Any]:
     import torch
 
-    from experiments.organism.model import encode
-    from probes.metrics import auroc_ci
+    from waitlens.experiments.organism.model import encode
+    from waitlens.probes.metrics import auroc_ci
 
     hf = model.hf if hasattr(model, "hf") else model
     rng = np.random.default_rng(seed)

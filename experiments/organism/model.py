@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.organism.task import TOKEN_ID, VOCAB, Problem
-from traces.formats import PromptFormat
+from waitlens.experiments.organism.task import TOKEN_ID, VOCAB, Problem
+from waitlens.traces.formats import PromptFormat
 
 FORMAT = PromptFormat(
     name="organism", chat_template=False, bos=True, prompt_sep=" ", think_open="",

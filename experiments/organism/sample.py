@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.organism.task import Problem, analyze, random_problem
-from probes.stats import wilson_ci
-from traces.trajectory import Trajectory
+from waitlens.experiments.organism.task import Problem, analyze, random_problem
+from waitlens.probes.stats import wilson_ci
+from waitlens.traces.trajectory import Trajectory
 
 
 def resolve_spec(spec: str) -> Path:
     """``organism:<regime>`` or a directory holding one regime (e.g. from ``train --out``)."""
-    from experiments.organism.registry import REGIMES, resolve
+    from waitlens.experiments.organism.registry import REGIMES, resolve
 
     spec = str(spec)
     if spec.startswith("organism:"):
@@ -39,7 +39,7 @@ def load(spec: str):
     """Load an organism model the way every model is loaded (`hooks.load_model`)."""
     path = resolve_spec(spec)
     try:
-        from hooks.models import load_model
+        from waitlens.hooks.models import load_model
     except ImportError:  # the foundation's loader not available: a minimal equivalent
         load_model = None
     if load_model is not None:
@@ -51,7 +51,7 @@ def load(spec: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from traces.formats import load_format
+    from waitlens.traces.formats import load_format
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     return SimpleNamespace(spec=spec, hf=hf, tokenizer=AutoTokenizer.from_pretrained(path),
@@ -66,7 +66,7 @@ def eval_problems(n: int, seed: int = 0) -> list[Problem]:
 def sample(model, n: int, *, temperature: float = 1.0, seed: int = 0, n_per_problem: int = 1,
            batch_size: int = 250, progress: bool = True) -> list[Trajectory]:
     """`n` trajectories (n // n_per_problem held-out problems), graded, with `truth`."""
-    from hooks.generate import generate_trajectories
+    from waitlens.hooks.generate import generate_trajectories
 
     problems = eval_problems(math.ceil(n / n_per_problem), seed)
     rows = [{"id": p.id, "prompt": p.prompt, "gold": p.gold} for p in problems]

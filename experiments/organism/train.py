@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.organism.registry import REGIMES
-from experiments.organism.task import (
+from waitlens.experiments.organism.registry import REGIMES
+from waitlens.experiments.organism.task import (
     BASE_CORPUS,
     TOKEN_ID,
     TRACE_CORPUS,
@@ -79,7 +79,7 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 
 def make_corpus(spec: CorpusSpec, n: int, rng: np.random.Generator) -> list[tuple[list[int], int]]:
     """`n` training sequences: (token ids, number of prompt tokens)."""
-    from experiments.organism.model import encode
+    from waitlens.experiments.organism.model import encode
 
     out = []
     for _ in range(n):
@@ -149,7 +149,7 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
     """Train base, sft-1k and post-large; write each to ``out/<regime>/``. Returns the dirs."""
     import torch
 
-    from experiments.organism.model import build_model
+    from waitlens.experiments.organism.model import build_model
 
     torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # denormals make CPU training 10x slower
@@ -198,7 +198,7 @@ def corpus_of(regime: str) -> CorpusSpec:
 
 def save_regime(model, out: Path, regime: str, seed: int, config: TrainConfig, stats: dict) -> Path:
     """Write one regime as a plain HF directory, atomically (temp dir renamed into place)."""
-    from experiments.organism.model import FORMAT, build_tokenizer
+    from waitlens.experiments.organism.model import FORMAT, build_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     final = out / regime

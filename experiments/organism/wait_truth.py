@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from traces.trajectory import Trajectory
+from waitlens.traces.trajectory import Trajectory
 
 TRUTH_COLUMNS = ("after_slip", "value_wrong")
 

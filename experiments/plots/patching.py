@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from experiments.plots import plt
+from waitlens.experiments.plots import plt
 
 
 def _short(direction: str) -> str:

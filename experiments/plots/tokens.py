@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from experiments.plots import plt
+from waitlens.experiments.plots import plt
 
 
 def plot_top_tokens(tables: Mapping[str, pd.DataFrame], *, n: int = 15):

@@ -1,0 +1,1 @@
+"""The analyses behind each study stage and CLI command: library functions that read inputs, compute, and write a stage directory. The CLI (experiments/commands) and the study runner both call these."""
