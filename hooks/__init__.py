@@ -8,7 +8,13 @@ from waitlens.hooks.capture import capture_residuals, residuals_at
 from waitlens.hooks.logprobs import token_logprobs, token_occurrences
 from waitlens.hooks.models import ContextLengthError, LoadedModel, ModelLoadError, load_model
 from waitlens.hooks.patching import PatchResult, attribute, patch
-from waitlens.hooks.store import ActivationStore, IncompleteStoreError, StoreError, open_store, write_store
+from waitlens.hooks.store import (
+    ActivationStore,
+    IncompleteStoreError,
+    StoreError,
+    open_store,
+    write_store,
+)
 
 __all__ = [
     "ActivationStore", "ContextLengthError", "IncompleteStoreError", "LoadedModel", "ModelLoadError",

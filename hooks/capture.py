@@ -30,7 +30,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from waitlens.hooks.points import StopForward, hook_name, normalize_kind, residual_hooks, resolve_layers
+from waitlens.hooks.points import (
+    StopForward,
+    hook_name,
+    normalize_kind,
+    residual_hooks,
+    resolve_layers,
+)
 from waitlens.hooks.store import (
     FORMAT,
     MANIFEST,

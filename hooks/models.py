@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from waitlens.traces.formats import PromptFormat, Rendered, get_format, infer_format, load_format, render
+from waitlens.traces.formats import (
+    PromptFormat,
+    Rendered,
+    get_format,
+    infer_format,
+    load_format,
+    render,
+)
 from waitlens.traces.trajectory import Trajectory
 
 ENTRY_POINT_GROUP = "waitlens.models"

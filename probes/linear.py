@@ -44,8 +44,19 @@ import torch
 from jaxtyping import Float
 
 from waitlens.probes.folds import Folds, check_labels, make_folds, shuffle_labels
-from waitlens.probes.metrics import auroc, auroc_ci, expected_calibration_error, paired_auroc_difference
-from waitlens.probes.probe_data import CONTROL, ProbeData, load_probe_data, match_controls, words_list
+from waitlens.probes.metrics import (
+    auroc,
+    auroc_ci,
+    expected_calibration_error,
+    paired_auroc_difference,
+)
+from waitlens.probes.probe_data import (
+    CONTROL,
+    ProbeData,
+    load_probe_data,
+    match_controls,
+    words_list,
+)
 from waitlens.probes.solver import fit_logistic_batched
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from waitlens.probes.linear import DEFAULT_CS, ProbeResult, _torch_threads, _word_label, fit_layer_probes
+from waitlens.probes.linear import (
+    DEFAULT_CS,
+    ProbeResult,
+    _torch_threads,
+    _word_label,
+    fit_layer_probes,
+)
 from waitlens.probes.metrics import auroc_ci
 from waitlens.probes.probe_data import ProbeData, load_probe_data
 

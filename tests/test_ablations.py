@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import make_tiny_qwen, tiny_trajectory
 from waitlens.hooks import load_model
 from waitlens.hooks.ablations import ablate, ablate_text, neutral_word, split_steps
-from tests.conftest import make_tiny_qwen, tiny_trajectory
 from waitlens.traces import Trajectory
 
 SEPS = (";", "so", "therefore")

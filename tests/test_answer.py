@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from tests.conftest import tiny_trajectory
 from waitlens.hooks.answer import (
     NoForcingSuffixError,
     answer_curves,
@@ -15,7 +16,6 @@ from waitlens.hooks.answer import (
     choose_prefixes,
     suffix_tokens,
 )
-from tests.conftest import tiny_trajectory
 from waitlens.traces import Trajectory, find_positions
 
 

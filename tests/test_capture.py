@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import waitlens.hooks.capture as capmod
+from tests.conftest import make_tiny_qwen, tiny_trajectory
 from waitlens.hooks import (
     ContextLengthError,
     IncompleteStoreError,
@@ -20,7 +21,6 @@ from waitlens.hooks import (
     open_store,
 )
 from waitlens.hooks.points import residual_hooks
-from tests.conftest import make_tiny_qwen, tiny_trajectory
 from waitlens.traces import Trajectory, control_positions, find_positions, save_trajectories
 
 TOL = 1e-4

@@ -2,7 +2,13 @@
 
 import pytest
 
-from waitlens.experiments.config import CONFIG_DIR, ConfigError, check_models, load_config, parse_config
+from waitlens.experiments.config import (
+    CONFIG_DIR,
+    ConfigError,
+    check_models,
+    load_config,
+    parse_config,
+)
 
 
 def test_shipped_configs_parse():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import WORDS, make_tiny_qwen, tiny_trajectory
 from waitlens.hooks import ContextLengthError, ModelLoadError, load_model
 from waitlens.hooks.points import hook_name, parse_hook_name, residual_hooks, resolve_layers
-from tests.conftest import WORDS, make_tiny_qwen, tiny_trajectory
 
 
 def write_gguf(path, arch):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import make_tiny_qwen, tiny_trajectory
 from waitlens.hooks import load_model
 from waitlens.hooks.alignment import PairError
 from waitlens.hooks.patching import capture_resid_pre, patch, prepare_cases, run_patched
-from tests.conftest import make_tiny_qwen, tiny_trajectory
 
 
 @pytest.fixture(autouse=True, scope="module")

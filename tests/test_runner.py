@@ -9,10 +9,10 @@ import json
 import pandas as pd
 import pytest
 
+from tests.conftest import make_tiny_qwen
 from waitlens.experiments.config import parse_config
 from waitlens.experiments.runner import read_manifest, run_study
 from waitlens.experiments.study import study_stages
-from tests.conftest import make_tiny_qwen
 from waitlens.traces import Trajectory, save_trajectories
 
 

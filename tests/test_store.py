@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from waitlens.hooks import ActivationStore, IncompleteStoreError, StoreError, open_store, write_store
+from waitlens.hooks import (
+    ActivationStore,
+    IncompleteStoreError,
+    StoreError,
+    open_store,
+    write_store,
+)
 
 
 def synthetic(n=10, layers=3, d=8, seed=0):

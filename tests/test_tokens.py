@@ -6,9 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from waitlens.hooks.logprobs import token_logprobs, token_occurrences
-from waitlens.probes.tokens import compare_regimes, to_markdown, token_table, wait_distribution, wait_summary
 from tests.conftest import tiny_trajectory
+from waitlens.hooks.logprobs import token_logprobs, token_occurrences
+from waitlens.probes.tokens import (
+    compare_regimes,
+    to_markdown,
+    token_table,
+    wait_distribution,
+    wait_summary,
+)
 from waitlens.traces import Trajectory, find_positions
 
 

@@ -15,7 +15,12 @@ from waitlens.traces.formats import (
 from waitlens.traces.grading import grade, normalize_answer
 from waitlens.traces.lexicon import DEFAULT_WORDS, Lexicon
 from waitlens.traces.positions import Positions, control_positions, find_positions
-from waitlens.traces.trajectory import Trajectory, TrajectoryFileError, load_trajectories, save_trajectories
+from waitlens.traces.trajectory import (
+    Trajectory,
+    TrajectoryFileError,
+    load_trajectories,
+    save_trajectories,
+)
 
 __all__ = [
     "DEFAULT_WORDS", "Lexicon", "PRESETS", "Positions", "PromptFormat", "Rendered", "Trajectory",

@@ -27,8 +27,8 @@ import warnings
 def _stand_in(tmp: str, n: int, perturb: float):
     import torch
 
-    from waitlens.hooks import load_model
     from tests.conftest import make_tiny_qwen, tiny_trajectory
+    from waitlens.hooks import load_model
 
     base = load_model(str(make_tiny_qwen(f"{tmp}/base", layers=4, d_model=64, seed=0)), device="cpu", dtype="float32")
     tuned = load_model(str(make_tiny_qwen(f"{tmp}/tuned", layers=4, d_model=64, seed=0)), device="cpu",

@@ -61,7 +61,11 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
     import pandas as pd
 
     from waitlens.experiments.plots import save_figure
-    from waitlens.experiments.plots.probes import plot_auroc_by_layer, plot_cosine, plot_transfer_matrix
+    from waitlens.experiments.plots.probes import (
+        plot_auroc_by_layer,
+        plot_cosine,
+        plot_transfer_matrix,
+    )
     from waitlens.hooks.store import ActivationStore
     from waitlens.probes.linear import CSV_COLUMNS, fit_layer_probes
     from waitlens.probes.transfer import transfer_matrix

@@ -59,7 +59,12 @@ def _model_args(p, nargs=None) -> None:
 
 def cmd_train(args) -> int:
     from waitlens.experiments.organism.registry import WEIGHTS_DIR
-    from waitlens.experiments.organism.train import SMOKE, TrainConfig, train_all, write_shipped_manifest
+    from waitlens.experiments.organism.train import (
+        SMOKE,
+        TrainConfig,
+        train_all,
+        write_shipped_manifest,
+    )
 
     out = Path(args.out) if args.out else WEIGHTS_DIR
     train_all(out, seed=args.seed, config=SMOKE if args.smoke else TrainConfig())
