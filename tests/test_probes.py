@@ -218,6 +218,35 @@ def test_linear_probe_estimator(planted):
     assert probe.score(Xl[200:], y[200:]) > 0.8
 
 
+def test_linear_probe_is_a_scikit_learn_estimator(planted):
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, GroupKFold, PredefinedSplit, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, meta = planted
+    w = (meta["word"] == "wait").to_numpy()
+    y = meta["correct"].to_numpy()[w].astype(int)
+    g = meta["problem_id"].to_numpy()[w]
+    Xl = X[w, 2]
+    probe = clone(LinearProbe(Cs=(0.1, 1.0), n_inner=2))
+    assert probe.get_params()["Cs"] == (0.1, 1.0) and not hasattr(probe, "coef_")
+    scores = cross_val_score(LinearProbe(), Xl, y, cv=GroupKFold(5), groups=g, scoring="roc_auc")
+    assert scores.shape == (5,) and scores.min() > 0.8
+    assert make_pipeline(StandardScaler(), LinearProbe()).fit(Xl, y).score(Xl, y) > 0.8
+    grid = GridSearchCV(LinearProbe(), {"Cs": [(0.01,), (1.0,)]}, cv=GroupKFold(3), scoring="roc_auc")
+    assert grid.fit(Xl, y, groups=g).best_params_["Cs"] in [(0.01,), (1.0,)]
+
+    # same folds, same C: the estimator and fit_layer_probes give the same per-fold AUROCs
+    res = fit_layer_probes(X, meta, words="wait", layers=[2], controls=False, Cs=(1.0,), n_boot=10)
+    oof = res.oof[res.oof["layer"] == 2]
+    assert (oof["trajectory_id"].to_numpy() == meta["trajectory_id"].astype(str).to_numpy()[w]).all()
+    folds = oof["fold"].to_numpy()
+    ours = [auroc(y[folds == f], oof["prob"].to_numpy()[folds == f]) for f in np.unique(folds)]
+    theirs = cross_val_score(LinearProbe(Cs=(1.0,)), Xl, y, cv=PredefinedSplit(folds), scoring="roc_auc")
+    np.testing.assert_allclose(theirs, ours, atol=1e-6)
+
+
 # -- the command line ---------------------------------------------------------------------------
 def test_cli_writes_probe_results_and_figures(planted, tmp_path):
     from waitlens.experiments.cli import main
