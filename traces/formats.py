@@ -16,6 +16,7 @@ the reasoning.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,34 @@ S1 = PromptFormat(
     think_close="\n<|im_start|>answer\n",
     answer_prefix="Answer: ",
 )
+# Sky-T1 (Qwen2.5 chat template with Sky-T1's system prompt in the user turn or config):
+# "<|begin_of_thought|> ... <|end_of_thought|> <|begin_of_solution|> ... \boxed{} <|end_of_solution|>".
+SKYT1 = PromptFormat(
+    name="skyt1",
+    chat_template=True,
+    think_open="<|begin_of_thought|>\n\n",
+    think_close="\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n",
+    answer_prefix="**Final Answer**\n\\boxed{",
+    answer_suffix="}",
+)
+# Qwen2.5-Instruct chat: no reasoning markers; the solution ends in a \boxed{} answer.
+QWEN = PromptFormat(
+    name="qwen",
+    chat_template=True,
+    think_open="",
+    think_close="\n\n",
+    answer_prefix="**Final Answer**\n\\boxed{",
+    answer_suffix="}",
+)
 # A generic chat model (e.g. SmolLM2-Instruct): reasoning and answer inside the assistant turn.
 CHAT = PromptFormat(name="chat", chat_template=True, think_open="", think_close="\n", answer_prefix="Final answer: ")
 PLAIN = PromptFormat()
+# The organism's own layout (the same fields as its shipped waitlens_format.json; a test checks).
+ORGANISM = PromptFormat(name="organism", prompt_sep=" ", think_close=" ; ", answer_prefix="A ",
+                        answer_suffix=" <eos>")
 
-PRESETS: dict[str, PromptFormat] = {f.name: f for f in (R1, S1, CHAT, PLAIN)}
+PRESETS: dict[str, PromptFormat] = {f.name: f for f in (R1, S1, SKYT1, QWEN, CHAT, PLAIN, ORGANISM)}
+FAMILIES: tuple[str, ...] = tuple(PRESETS)
 
 
 def get_format(name_or_format: str | PromptFormat | dict | None, tokenizer=None) -> PromptFormat:
@@ -93,7 +117,7 @@ def get_format(name_or_format: str | PromptFormat | dict | None, tokenizer=None)
     if name_or_format is None:
         return infer_format(tokenizer)
     if name_or_format not in PRESETS:
-        raise ValueError(f"unknown prompt format {name_or_format!r}; presets: {sorted(PRESETS)}")
+        raise FormatError(f"unknown format {name_or_format!r}; formats: {', '.join(FAMILIES)}")
     return PRESETS[name_or_format]
 
 
@@ -196,3 +220,219 @@ def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[i
 def with_name(fmt: PromptFormat, **changes) -> PromptFormat:
     """A copy of `fmt` with some fields changed (configs override presets this way)."""
     return replace(fmt, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a completion: where the reasoning ends and how the final answer is extracted.
+# This is separate from forcing (`forcing_suffix` above): real models do not write the layout a
+# forced answer uses (R1 closes </think> and then writes a free-form solution ending in a
+# \boxed{}), so each family gets a reader of its own.
+
+
+class FormatError(ValueError):
+    """An unknown format name or an unreadable format spec; the message names it."""
+
+
+@dataclass(frozen=True)
+class CompletionReader:
+    """How one family's completion is read.
+
+    `opens` are stripped from the start of the reasoning; the reasoning ends at the first of
+    `closes` (a completion without any is unfinished). A family without a reasoning delimiter
+    (`closes == ()`) ends its reasoning at the first `answer_markers` line, if any; otherwise
+    the whole completion is the reasoning and the answer is extracted from it. The text after
+    the reasoning (the solution) is cut at `solution_close`, and the answer is the first of
+    `extract` that finds one: ``"boxed"`` (the last ``\\boxed{}``, nested braces),
+    ``"marker"`` (the rest of the line after the last of `answer_markers`), ``"gsm8k"``
+    (``#### N``), ``"math_verify"`` (what math-verify extracts from the text).
+    """
+
+    name: str
+    opens: tuple[str, ...] = ()
+    closes: tuple[str, ...] = ()
+    solution_close: tuple[str, ...] = ()
+    answer_markers: tuple[str, ...] = ()
+    extract: tuple[str, ...] = ("boxed", "marker", "gsm8k")
+
+
+READERS: dict[str, CompletionReader] = {
+    # R1 / R1-distill: "<think>\n" is the template's generation prompt (sometimes repeated in the
+    # text); "</think>" closes the reasoning; the solution's final answer is its last \boxed{}.
+    "r1": CompletionReader("r1", opens=("<think>",), closes=("</think>",),
+                           answer_markers=("Final Answer:", "Answer:"), extract=("boxed", "marker", "gsm8k")),
+    # s1 / s1.1: "<|im_start|>think\n ... <|im_start|>answer\nAnswer: ..." (simplescaling/s1).
+    "s1": CompletionReader("s1", opens=("<|im_start|>think",), closes=("<|im_start|>answer",),
+                           solution_close=("<|im_end|>",), answer_markers=("Final Answer:", "Answer:"),
+                           extract=("marker", "boxed", "gsm8k")),
+    # Sky-T1: "<|begin_of_thought|> ... <|end_of_thought|> <|begin_of_solution|> ... \boxed{} <|end_of_solution|>".
+    "skyt1": CompletionReader("skyt1", opens=("<|begin_of_thought|>",), closes=("<|end_of_thought|>",),
+                              solution_close=("<|end_of_solution|>",), answer_markers=("Answer:",),
+                              extract=("boxed", "marker", "gsm8k")),
+    # Qwen2.5-Instruct chat: no reasoning delimiter; a solution with a final \boxed{}.
+    "qwen": CompletionReader("qwen", solution_close=("<|im_end|>",),
+                             answer_markers=("**Final Answer**", "Final answer:", "Answer:"),
+                             extract=("boxed", "marker", "gsm8k")),
+    # A generic chat model asked for "Final answer: ..." (the forcing suffix of CHAT).
+    "chat": CompletionReader("chat", answer_markers=("Final answer:",), extract=("marker", "boxed", "gsm8k")),
+    # Plain text (e.g. a base model): "Answer: ..." if written, else the final answer as
+    # math-verify extracts it from the whole completion.
+    "plain": CompletionReader("plain", answer_markers=("Answer:",),
+                              extract=("marker", "boxed", "gsm8k", "math_verify")),
+}
+
+
+def reader_for(fmt: PromptFormat | str) -> CompletionReader | None:
+    """The reader of a format family, or None for a custom format (read by its forcing suffix)."""
+    name = fmt if isinstance(fmt, str) else fmt.name
+    return READERS.get(name)
+
+
+@dataclass(frozen=True)
+class ParsedCompletion:
+    """A completion read by its format: reasoning, answer (None if none found), finished."""
+
+    reasoning: str
+    answer: str | None
+    finished: bool
+    solution: str = ""  # the text after the reasoning (R1's free-form solution), if any
+
+    def __iter__(self):  # (reasoning, answer, finished) unpacking
+        return iter((self.reasoning, self.answer, self.finished))
+
+
+def parse_completion(text: str, fmt: PromptFormat | str) -> ParsedCompletion:
+    """Read one completion in format `fmt` (a family name or a PromptFormat).
+
+    Returns ``(reasoning, answer | None, finished)`` (a `ParsedCompletion`, which unpacks to
+    that). The reasoning never contains the family's closing marker. A completion that never
+    closes its reasoning (truncated) is unfinished and has no answer: it is not graded as if
+    it had answered. A custom format (e.g. the organism's) is read by its forcing suffix: the
+    reasoning is what precedes it, the answer what follows it up to `answer_suffix` (or the end
+    of the line); finished when the suffix is there.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a completion must be a string, got {type(text).__name__}")
+    if isinstance(fmt, str):
+        fmt = get_format(fmt)
+    reader = READERS.get(fmt.name)
+    if reader is None:
+        return _read_by_suffix(text, fmt)
+    body = text
+    for o in reader.opens:  # the open marker, if written (possibly more than once)
+        while body.lstrip().startswith(o):
+            body = body.lstrip()[len(o):]
+    if reader.closes:
+        hits = [(body.find(c), c) for c in reader.closes if c in body]
+        if not hits:
+            return ParsedCompletion(body.strip(), None, False)
+        i, c = min(hits)
+        reasoning, solution = body[:i], body[i + len(c):]
+        solution = _cut(solution, reader.solution_close)
+        return ParsedCompletion(reasoning.strip(), extract_answer(solution, reader), True, solution.strip())
+    # no reasoning delimiter: the reasoning ends where the answer line starts, if there is one
+    body = _cut(body, reader.solution_close)
+    answer = extract_answer(body, reader)
+    m = _last_marker(body, reader.answer_markers)
+    if m is None:
+        return ParsedCompletion(body.strip(), answer, answer is not None, "")
+    return ParsedCompletion(body[: m.start()].strip(), answer, answer is not None, body[m.start():].strip())
+
+
+def _cut(text: str, markers: tuple[str, ...]) -> str:
+    for mk in markers:
+        if mk in text:
+            text = text[: text.index(mk)]
+    return text
+
+
+def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern:
+    alts = "|".join(r"\s*".join(re.escape(p) for p in mk.split()) for mk in markers)
+    return re.compile(rf"(?:\*\*)?(?:{alts})(?:\*\*)?", re.IGNORECASE)
+
+
+def _last_marker(text: str, markers: tuple[str, ...]) -> re.Match | None:
+    if not markers:
+        return None
+    last = None
+    for last in _marker_pattern(markers).finditer(text):  # noqa: B007
+        pass
+    return last
+
+
+def _line_after(text: str, m: re.Match) -> str:
+    rest = text[m.end():].lstrip(" \t*")
+    if rest.startswith("\n"):  # "**Final Answer**\n\\boxed{3}": the answer is on the next line
+        rest = rest.lstrip()
+    return rest.split("\n")[0].strip().strip("*").strip()
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces kept."""
+    best = None
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            best = text[m.end(): i - 1]
+    return best.strip() if best is not None else None
+
+
+_GSM8K = re.compile(r"####[ \t]*([^\n]+)")
+
+
+def extract_answer(text: str, reader: CompletionReader | str) -> str | None:
+    """The final answer in `text` by the reader's `extract` methods, in order; None if none."""
+    if isinstance(reader, str):
+        if reader not in READERS:
+            raise FormatError(f"unknown format {reader!r}; formats: {sorted(FAMILIES)}")
+        reader = READERS[reader]
+    for how in reader.extract:
+        ans = None
+        if how == "boxed":
+            ans = last_boxed(text)
+        elif how == "marker":
+            m = _last_marker(text, reader.answer_markers)
+            if m is not None:
+                inner = last_boxed(text[m.end():])
+                ans = inner if inner is not None else _line_after(text, m)
+        elif how == "gsm8k":
+            hits = _GSM8K.findall(text)
+            ans = hits[-1].strip() if hits else None
+        elif how == "math_verify":
+            ans = _math_verify_extract(text)
+        if ans:
+            return ans
+    return None
+
+
+def _math_verify_extract(text: str) -> str | None:
+    from math_verify import parse
+
+    try:
+        parsed = parse(text)
+    except Exception:  # math-verify raises on some inputs; that is "no answer found"
+        return None
+    return str(parsed[-1]) if parsed else None
+
+
+def _read_by_suffix(text: str, fmt: PromptFormat) -> ParsedCompletion:
+    """The reasoning up to the forcing suffix (exact, else flexible whitespace and case) and
+    the answer after it, up to `answer_suffix` (or, for formats without one, its first line)."""
+    suffix = fmt.forcing_suffix
+    i = text.find(suffix) if suffix else -1
+    if i >= 0:
+        reasoning, rest = text[:i], text[i + len(suffix):]
+    else:
+        parts = [re.escape(p) for p in suffix.split()]
+        m = re.compile(r"\s*".join(parts), re.IGNORECASE).search(text) if parts else None
+        if m is None:
+            return ParsedCompletion(text.strip(), None, False)
+        reasoning, rest = text[: m.start()], text[m.end():]
+    tail = fmt.answer_suffix.strip()
+    if tail and tail in rest:
+        rest = rest[: rest.index(tail)]
+    elif not tail:  # no closing marker: the answer is its first line
+        rest = rest.strip().split("\n")[0]
+    return ParsedCompletion(reasoning.strip(), rest.strip(), True, rest.strip())
