@@ -10,9 +10,11 @@ from waitlens.traces.formats import (
     get_format,
     infer_format,
     load_format,
+    parse_completion,
     render,
 )
-from waitlens.traces.grading import grade, normalize_answer
+from waitlens.traces.grading import grade, normalize_answer, normalize_gold
+from waitlens.traces.importing import ImportRecordsError, import_records, read_records
 from waitlens.traces.lexicon import DEFAULT_WORDS, Lexicon
 from waitlens.traces.positions import Positions, control_positions, find_positions
 from waitlens.traces.trajectory import (
@@ -23,8 +25,8 @@ from waitlens.traces.trajectory import (
 )
 
 __all__ = [
-    "DEFAULT_WORDS", "Lexicon", "PRESETS", "Positions", "PromptFormat", "Rendered", "Trajectory",
+    "DEFAULT_WORDS", "ImportRecordsError", "Lexicon", "PRESETS", "Positions", "PromptFormat", "Rendered", "Trajectory",
     "TrajectoryFileError", "control_positions", "find_positions", "get_format", "grade",
-    "infer_format", "load_format", "load_trajectories", "normalize_answer", "render",
+    "import_records", "infer_format", "load_format", "load_trajectories", "normalize_answer", "normalize_gold", "parse_completion", "read_records", "render",
     "save_trajectories",
 ]
