@@ -105,16 +105,8 @@ def import_records(
     for n, rec in enumerate(records, start=1):
         where = f"{source}: record {n}"
 
-        def value(key: str, *, string: bool = True, default: Any = _MISSING) -> Any:
-            try:
-                v = get_path(rec, f[key])
-            except KeyError as e:
-                if default is not _MISSING:
-                    return default
-                raise ImportRecordsError(f"{where}: no {key} at path {f[key]!r}: missing {e.args[0]}") from None
-            if string and not isinstance(v, str):
-                raise ImportRecordsError(f"{where}: {key} at path {f[key]!r} is a {type(v).__name__}, not a string")
-            return v
+        def value(key: str, *, string: bool = True, default: Any = _MISSING, rec=rec, where=where) -> Any:
+            return _value(rec, f, key, where, string=string, default=default)
 
         if not isinstance(rec, Mapping):
             raise ImportRecordsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -158,6 +150,19 @@ def import_records(
     if not out:
         raise ImportRecordsError(f"{source}: no trajectories imported (no records, or every one unfinished)")
     return out
+
+
+def _value(rec: Any, f: Mapping[str, str], key: str, where: str, *, string: bool, default: Any) -> Any:
+    """The record's value for trajectory field `key`; errors name the record and the path."""
+    try:
+        v = get_path(rec, f[key])
+    except KeyError as e:
+        if default is not _MISSING:
+            return default
+        raise ImportRecordsError(f"{where}: no {key} at path {f[key]!r}: missing {e.args[0]}") from None
+    if string and not isinstance(v, str):
+        raise ImportRecordsError(f"{where}: {key} at path {f[key]!r} is a {type(v).__name__}, not a string")
+    return v
 
 
 # -- reading record files ----------------------------------------------------------------------
