@@ -246,7 +246,7 @@ def _fact_probes(ctx: RunContext, truth: dict, out: Path, summary: dict[str, Any
 
 
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from waitlens.experiments.commands.patch import patch_to_dir
+    from waitlens.experiments.analyses.patch import patch_to_dir
 
     p = ctx.cfg.patching
     # Only trajectories with a wait can be patched at one; where ground truth says a wait follows a
@@ -272,7 +272,7 @@ def _wait_after_slip(t: Trajectory) -> bool:
 
 
 def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from waitlens.experiments.commands.patch import ablate_to_dir
+    from waitlens.experiments.analyses.patch import ablate_to_dir
 
     a = ctx.cfg.ablations
     trajs = own_trajectories(ctx, a.model)[: a.max_trajectories]

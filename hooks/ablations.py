@@ -5,22 +5,24 @@ Each ablation edits the trajectory's reasoning *text*, then the model reads the 
 the original trajectory (answer = the gold answer), and we compare:
 
 - ``replace-wait``: one "wait" replaced by a neutral word (default: the first of "then",
-  "and", ";" that the tokenizer knows; for the organism ";", its plain step separator).
+  "and", ";" that the tokenizer knows).
 - ``remove-wait``: that "wait" deleted.
 - ``shuffle-steps``: the reasoning steps put in a random order (separators stay in place).
 - ``delete-steps``: one random step (not the last) deleted with the separator after it.
 
-The edited wait is the first wait that follows a slip when the trajectory has ground truth
-(``extra["truth"]``), else the first wait. A *step* is the text between separators: for the
-organism (format name ``organism``) the words ``;``, ``so``, ``therefore``; otherwise
-sentences and lines (split after ``.``/``!``/``?`` + space, or at newlines).
+The edited wait is the one `pick_wait` chooses among the word's matches (default: the first;
+a task with ground truth may prefer, say, the first wait after a slip). A *step* is the text
+between `separators` (words, e.g. ``;``), or by default sentences and lines (split after
+``.``/``!``/``?`` + space, or at newlines).
 
-Metrics (same names as patching): ``gold_prob`` (forced gold answer after the reasoning);
-``kl``: mean next-token KL(original ‖ ablated) over the first `kl_positions` tokens of the
-common suffix the two token sequences share after the edit (aligned by offset from the
-end); ``correction``: the `hooks.patching` correction read-out of the edited wait, when the
-tokens it predicts lie in that common suffix (NaN otherwise, e.g. after a shuffle) — after
-removing the wait, the token before it is read; after replacing it, the neutral word.
+Metrics: ``gold_prob`` (forced gold answer after the reasoning); ``kl``: mean next-token
+KL(original ‖ ablated) over the first `kl_positions` tokens of the common suffix the two token
+sequences share after the edit (aligned by offset from the end); and one metric per
+*read-out* in `readouts` (``{name: fn(model, trajectory, rendered, wait_char, wait_token) ->
+[(position, token)] | None}``, default ``continuation``: the mean probability of the wait's
+own next 4 tokens): the read-out of the edited wait, when the tokens it predicts lie in that
+common suffix (NaN otherwise, e.g. after a shuffle) — after removing the wait, the token
+before it is read; after replacing it, the neutral word.
 """
 
 from __future__ import annotations
@@ -28,18 +30,18 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from waitlens.hooks.patch_cases import correction_reads, gold_version
+from waitlens.hooks.patch_cases import gold_version
+from waitlens.traces.formats import Rendered
 from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.trajectory import Trajectory
 
 KINDS = ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps")
-ORGANISM_SEPARATORS = (";", "so", "therefore")
 COLUMNS = ["trajectory_id", "problem_id", "kind", "metric", "clean", "ablated", "effect"]
 
 
@@ -53,17 +55,22 @@ def neutral_word(tokenizer, candidates: Sequence[str] = ("then", "and", ";")) ->
     raise ValueError(f"none of {list(candidates)} is in the tokenizer's vocabulary; pass neutral=")
 
 
-def _target_wait(traj: Trajectory, word: str):
+def continuation_reads(model, traj: Trajectory, rd: Rendered, wait_char: int, wait_token: int,
+                       continuation_tokens: int = 4) -> list[tuple[int, int]] | None:
+    """The wait's own next `continuation_tokens` tokens: [(position read, token it predicts)]."""
+    t1 = rd.reasoning_tokens[1]
+    reads = [(i, rd.input_ids[i + 1]) for i in range(wait_token, min(wait_token + continuation_tokens, t1))]
+    return reads or None
+
+
+PickWait = Callable[[Trajectory, list], object]
+
+
+def _target_wait(traj: Trajectory, word: str, pick_wait: PickWait | None = None):
     matches = list(Lexicon([word]).finditer(traj.reasoning))
     if not matches:
         return None
-    truth = traj.extra.get("truth") if isinstance(traj.extra, dict) else None
-    if isinstance(truth, dict):
-        after = {w["word"] for w in truth.get("waits", []) if w.get("after_slip")}
-        for m in matches:
-            if len(traj.reasoning[:m.start].split()) in after:
-                return m
-    return matches[0]
+    return pick_wait(traj, matches) if pick_wait is not None else matches[0]
 
 
 def split_steps(reasoning: str, separators: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -86,12 +93,13 @@ def join_steps(steps: list[str], seps: list[str], separators) -> str:
 
 
 def ablate_text(traj: Trajectory, kind: str, *, word: str = "wait", neutral: str = ";",
-                separators: Sequence[str] | None = ORGANISM_SEPARATORS, seed: int = 0) -> tuple[str, int | None] | None:
+                separators: Sequence[str] | None = None, seed: int = 0,
+                pick_wait: PickWait | None = None) -> tuple[str, int | None] | None:
     """(edited reasoning, char index of the edited wait in the original or None), or None
     when the ablation does not apply (no wait; fewer than two steps)."""
     r = traj.reasoning
     if kind in ("replace-wait", "remove-wait"):
-        m = _target_wait(traj, word)
+        m = _target_wait(traj, word, pick_wait)
         if m is None:
             return None
         if kind == "replace-wait":
@@ -127,21 +135,28 @@ def _gold(lp, ids, span) -> float:
 
 
 def ablate(model, trajectories: Sequence[Trajectory], kind: str, *, word: str = "wait", neutral: str | None = None,
-           separators: Sequence[str] | None | str = "auto", kl_positions: int = 8, seed: int = 0,
+           separators: Sequence[str] | None = None, kl_positions: int = 8, seed: int = 0,
+           pick_wait: PickWait | None = None, readouts: Mapping[str, Callable] | None = None,
            progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Run one ablation over trajectories: rows `COLUMNS` (one per trajectory and metric)."""
+    """Run one ablation over trajectories: rows `COLUMNS` (one per trajectory and metric).
+
+    separators: step separators (None: sentences/lines); pick_wait(trajectory, matches) -> the
+    match to edit (default: the first); readouts: {metric name: read-out fn} (module doc).
+    """
     from tqdm.auto import tqdm
 
     if kind not in KINDS:
         raise ValueError(f"unknown ablation {kind!r}; use one of {KINDS}")
-    if separators == "auto":
-        separators = ORGANISM_SEPARATORS if model.format.name == "organism" else None
+    if isinstance(separators, str):
+        raise ValueError(f"separators must be a list of words or None (sentences), got {separators!r}")
+    readouts = dict(readouts) if readouts is not None else {"continuation": continuation_reads}
     if neutral is None and kind == "replace-wait":
         neutral = neutral_word(model.tokenizer)
     rows, skipped = [], []
     for traj in tqdm(trajectories, desc=kind, disable=not progress):
         gt = gold_version(traj)
-        edit = ablate_text(gt, kind, word=word, neutral=neutral or ";", separators=separators, seed=seed)
+        edit = ablate_text(gt, kind, word=word, neutral=neutral or ";", separators=separators, seed=seed,
+                           pick_wait=pick_wait)
         if edit is None:
             skipped.append(traj.id)
             continue
@@ -162,14 +177,18 @@ def ablate(model, trajectories: Sequence[Trajectory], kind: str, *, word: str = 
         if ks and e1 < rd1.reasoning_tokens[1]:
             a, b = lp0[[i + shift for i in ks]], lp1[ks]
             kl = float((a.exp() * (a - b)).sum(-1).clamp_min(0).mean())
-        c0 = c1 = float("nan")
+        values = [("gold_prob", g0, g1), ("kl", 0.0, kl)]
+        wt = None
         if wait_char is not None:
             wt = next(i for i, (s, e) in enumerate(rd0.offsets) if e > rd0.reasoning_chars[0] + wait_char)
-            reads = correction_reads(model, gt, rd0, wait_char, wt)
+        for name, fn in readouts.items():
+            c0 = c1 = float("nan")
+            reads = fn(model, gt, rd0, wait_char, wt) if wt is not None else None
             if reads and all(r + 1 - shift >= e1 for r, _ in reads):  # predicted token in the common suffix
                 c0 = float(torch.stack([lp0[r, t] for r, t in reads]).exp().mean())
                 c1 = float(torch.stack([lp1[r - shift, t] for r, t in reads]).exp().mean())
-        for metric, c, v in (("gold_prob", g0, g1), ("kl", 0.0, kl), ("correction", c0, c1)):
+            values.append((name, c0, c1))
+        for metric, c, v in values:
             eff = v - c if np.isfinite(v) and np.isfinite(c) else float("nan")
             rows.append((traj.id, traj.problem_id, kind, metric, c, v, eff))
     if skipped:
@@ -182,4 +201,4 @@ def ablate(model, trajectories: Sequence[Trajectory], kind: str, *, word: str = 
     return pd.DataFrame(rows, columns=COLUMNS), info
 
 
-__all__ = ["KINDS", "ablate", "ablate_text", "neutral_word", "split_steps"]
+__all__ = ["KINDS", "ablate", "ablate_text", "continuation_reads", "neutral_word", "split_steps"]

@@ -2,9 +2,11 @@
 
 For a patch of the source's state into the target at (layer, position), the estimate is
 ``(a_source - a_target) · ∂metric/∂a_target``, the gradient taken at the clean target run:
-one target forward plus one backward per scalar metric gives every (layer, position) cell at
-once. ``kl`` has zero gradient at the clean run (its minimum), so only ``correction`` and
-``gold_prob`` are attributed. `hooks.patching.patch(..., attribution=True)` (or
+one target forward plus one backward per distinct scalar metric gives every (layer, position)
+cell at once. Only differentiable metrics (`PatchMetric.differentiable`) whose reads are all
+on the trajectory itself are attributed; a KL has zero gradient at the clean run (its
+minimum). A metric's value is taken to depend on its reads only, so cells with the same reads
+share one backward. `hooks.patching.patch(..., attribution=True)` (or
 `hooks.patching.attribute`) runs it beside exact patching on the same grid.
 """
 
@@ -16,15 +18,28 @@ import torch
 from torch import Tensor
 
 from waitlens.hooks.patch_cases import PatchCase, Reads
+from waitlens.hooks.patch_metrics import MetricInput, PatchMetric, Read
 from waitlens.hooks.points import decoder_of, hook_name, lm_head_of, residual_hooks
 
 
-def attribution_estimates(target, case: PatchCase, layers, window, metrics, ctx, cost) -> dict:
-    """{(group, control, layer, rel_pos, metric): estimate} for one case."""
-    if not metrics:
+def attribution_estimates(target, case: PatchCase, layers, metrics: list[PatchMetric], all_metrics: list[PatchMetric],
+                          ctx, cost) -> dict:
+    """{(position, anchor group, control, rel_pos, layer, metric name): estimate} for one case.
+
+    metrics: the differentiable ones among `all_metrics` (the order of the plan's rows).
+    """
+    src, tgt, patched, plan, cells = ctx
+    want = {mi for mi, m in enumerate(all_metrics) if any(m is x for x in metrics)}
+    # (p, local, mi) -> reads, for attributable cells
+    jobs = {}
+    for (p, local), row in plan.items():
+        for mi in want:
+            rs = row[mi]
+            if rs is not None and rs and all(r.branch is None for r in rs):
+                jobs[(p, local, mi)] = rs
+    if not jobs:
         return {}
-    src, tgt, patched = ctx
-    reads = _differentiable_reads(case, metrics)
+    reads = Reads.build(r.position for rs in jobs.values() for r in rs)
     t = time.perf_counter()
     params = [p for p in target.hf.parameters() if p.requires_grad]
     for p in params:
@@ -43,20 +58,18 @@ def attribution_estimates(target, case: PatchCase, layers, window, metrics, ctx,
             with residual_hooks(target, fns):
                 hid = decoder_of(target)(input_ids=x, use_cache=False).last_hidden_state
             lp = torch.log_softmax(lm_head_of(target)(hid[0, reads.positions]).float(), -1)
+
+            def lookup(r: Read) -> Tensor:
+                return lp[reads.index[r.position]]
+
             scalars: dict[tuple, Tensor] = {}
-            if "gold_prob" in metrics:
-                a0, a1 = case.answer_tokens
-                scalars[("gold_prob", None)] = torch.stack(
-                    [lp[reads.index[i - 1], case.target_ids[i]] for i in range(a0, a1)]).sum().exp()
-            if "correction" in metrics:
-                seen = {}
-                for a in case.anchors:
-                    if a.reads:
-                        key = tuple(a.reads)
-                        if key not in seen:
-                            seen[key] = torch.stack([lp[reads.index[r], tok] for r, tok in a.reads]).exp().mean()
-                for key, v in seen.items():
-                    scalars[("correction", key)] = v
+            key_of = {}
+            for (p, local, mi), rs in jobs.items():
+                key = (mi, tuple(rs))
+                key_of[(p, local, mi)] = key
+                if key not in scalars:
+                    ai = cells[p][local][0]
+                    scalars[key] = all_metrics[mi](MetricInput(target, case, case.anchors[ai], p, rs, lookup, lookup))
             ds = [deltas[layer] for layer in layers]
             grads = {}
             keys = list(scalars)
@@ -71,30 +84,10 @@ def attribution_estimates(target, case: PatchCase, layers, window, metrics, ctx,
     est = {key: (diff * g).sum(-1) for key, g in grads.items()}  # [layer, n_patched]
     col = {p: k for k, p in enumerate(patched)}
     out = {}
-    for a in case.anchors:
-        for rel in range(window[0], window[1] + 1):
-            off = a.offset + rel
-            if not 0 <= off < case.align.n_reasoning:
-                continue
-            k = col[case.align.target_start + off]
-            for li, layer in enumerate(layers):
-                if ("gold_prob", None) in est:
-                    out[(a.group, a.control, layer, rel, "gold_prob")] = float(est[("gold_prob", None)][li, k])
-                if a.reads and ("correction", tuple(a.reads)) in est:
-                    out[(a.group, a.control, layer, rel, "correction")] = float(
-                        est[("correction", tuple(a.reads))][li, k])
+    for (p, local, mi), key in key_of.items():
+        ai, rel = cells[p][local]
+        a = case.anchors[ai]
+        for li, layer in enumerate(layers):
+            out[(p, a.group, a.control, rel, layer, all_metrics[mi].name)] = float(est[key][li, col[p]])
     cost["attribution_s"] += time.perf_counter() - t
     return out
-
-
-def _differentiable_reads(case: PatchCase, metrics) -> Reads:
-    """Only the positions the attributed metrics read (not the KL windows exact patching also
-    reads): with a 150k-word vocabulary the log-softmax there is most of the backward."""
-    pos: set[int] = set()
-    if "gold_prob" in metrics:
-        a0, a1 = case.answer_tokens
-        pos.update(range(a0 - 1, a1 - 1))
-    if "correction" in metrics:
-        for a in case.anchors:
-            pos.update(r for r, _ in a.reads or [])
-    return Reads.build(pos)

@@ -1,6 +1,6 @@
 """What activation patching patches: the anchors (each "wait", and its random control) of every
-trajectory, aligned on content tokens between source and target, with the positions each
-metric reads (the correction read-out needs the ground truth of the organism)."""
+trajectory, aligned on content tokens between source and target. What each metric reads is the
+metric's own business (`hooks.patch_metrics`)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,31 @@ from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.positions import Positions, find_positions
 from waitlens.traces.trajectory import Trajectory
 
-METRICS = ("kl", "correction", "gold_prob")
-DIFFERENTIABLE = ("correction", "gold_prob")
 DEFAULT_WINDOW = (-2, 4)
-ROW_COLUMNS = ["direction", "source", "target", "trajectory_id", "problem_id", "anchor", "control", "layer",
-               "rel_pos", "position", "metric", "clean", "patched", "effect", "attribution"]
+
+
+@dataclass
+class PatchRow:
+    """One patched cell's value for one metric (a row of `PatchResult.table`)."""
+
+    direction: str
+    source: str
+    target: str
+    trajectory_id: str
+    problem_id: str
+    anchor: int  # the wait's group number within its trajectory
+    control: str  # "none" (the wait) | "random"
+    layer: int
+    rel_pos: int
+    position: int  # target token index patched
+    metric: str
+    clean: float
+    patched: float
+    effect: float  # patched - clean
+    attribution: float = float("nan")
+
+
+ROW_COLUMNS = [f.name for f in dataclasses.fields(PatchRow)]
 
 
 @dataclass
@@ -32,8 +52,8 @@ class Anchor:
     group: int  # the wait this belongs to (a wait and its control share it)
     control: str  # "none" | "random"
     offset: int  # reasoning offset of the centre token
-    # correction read-out: (target index whose output is read, token id it should predict)
-    reads: list[tuple[int, int]] | None = None
+    wait_token: int  # target token index of the group's wait (a control is read where its wait is)
+    wait_char: int  # character offset of the group's wait in the reasoning
 
 
 @dataclass
@@ -46,6 +66,8 @@ class PatchCase:
     align: Alignment
     answer_tokens: tuple[int, int]  # in the target rendering
     anchors: list[Anchor]
+    target_rendered: Rendered | None = None  # rendered with the gold answer
+    cache: dict = field(default_factory=dict, repr=False)  # per-case values metrics compute once
 
 
 @dataclass
@@ -84,42 +106,8 @@ def word_index(text: str, char: int) -> int:
     return len(text[:char].split())
 
 
-def _char_span_of_word(text: str, k: int) -> tuple[int, int] | None:
-    import re
-
-    for i, m in enumerate(re.finditer(r"\S+", text)):
-        if i == k:
-            return m.start(), m.end()
-    return None
-
-
-def correction_reads(model, traj: Trajectory, rd: Rendered, wait_char: int, wait_token: int,
-                     continuation_tokens: int = 4) -> list[tuple[int, int]] | None:
-    """What `correction` reads for the wait at reasoning character `wait_char` (see module doc)."""
-    truth = traj.extra.get("truth") if isinstance(traj.extra, dict) else None
-    r0 = rd.reasoning_chars[0]
-    if isinstance(truth, dict) and "steps" in truth:
-        w = word_index(traj.reasoning, wait_char)
-        wait = next((x for x in truth.get("waits", []) if x.get("word") == w), None)
-        step = next((s for s in truth.get("steps", []) if s.get("kind") == "wait" and s.get("word") == w), None)
-        if wait is None or step is None or not wait.get("after_slip"):
-            return None
-        span = _char_span_of_word(traj.reasoning, w + 5)  # "wait a op b = c": c is 5 words on
-        if span is None:
-            return None
-        ti = next((i for i, (s, e) in enumerate(rd.offsets) if e > r0 + span[0] and s < r0 + span[1]), None)
-        ids = model.tokenizer(str(step["expected"]), add_special_tokens=False)["input_ids"]
-        if ti is None or ti == 0 or not ids:
-            return None
-        return [(ti - 1, int(ids[0]))]
-    t1 = rd.reasoning_tokens[1]
-    reads = [(i, rd.input_ids[i + 1]) for i in range(wait_token, min(wait_token + continuation_tokens, t1))]
-    return reads or None
-
-
 def prepare_cases(source, target, trajectories: Sequence[Trajectory], positions: Positions | None = None, *,
-                  word: str = "wait", control: bool = True, seed: int = 0,
-                  continuation_tokens: int = 4) -> tuple[list[PatchCase], dict]:
+                  word: str = "wait", control: bool = True, seed: int = 0) -> tuple[list[PatchCase], dict]:
     """Check the pair, align every trajectory, find its waits (and random controls).
 
     Trajectories without a wait are skipped with one warning that counts them; none left is
@@ -152,15 +140,15 @@ def prepare_cases(source, target, trajectories: Sequence[Trajectory], positions:
             discourse.update(range(int(s) - al.target_start, int(e) - al.target_start))
         anchors = []
         for g, (_, row) in enumerate(rows.iterrows()):
-            off = int(row["token_index"]) - al.target_start
-            reads = correction_reads(target, gt, trd, int(row["char_start"]) - trd.reasoning_chars[0],
-                                     int(row["token_index"]), continuation_tokens)
-            anchors.append(Anchor(g, "none", off, reads))
+            wt = int(row["token_index"])
+            off = wt - al.target_start
+            wc = int(row["char_start"]) - trd.reasoning_chars[0]
+            anchors.append(Anchor(g, "none", off, wt, wc))
             if control:
                 free = [i for i in range(off) if i not in discourse]
                 if free:
-                    anchors.append(Anchor(g, "random", int(rng.choice(free)), reads))
-        cases.append(PatchCase(traj, srd.input_ids, trd.input_ids, al, trd.answer_tokens, anchors))
+                    anchors.append(Anchor(g, "random", int(rng.choice(free)), wt, wc))
+        cases.append(PatchCase(traj, srd.input_ids, trd.input_ids, al, trd.answer_tokens, anchors, trd))
     if skipped:
         warnings.warn(f"skipped {len(skipped)} of {len(trajectories)} trajectories without a {word!r} "
                       f"(e.g. {skipped[:3]})", stacklevel=2)
@@ -182,15 +170,3 @@ class Reads:
     def build(cls, positions):
         p = sorted(set(positions))
         return cls(p, {q: i for i, q in enumerate(p)})
-
-
-def read_positions(case: PatchCase, patched: Sequence[int], kl_positions: int) -> Reads:
-    T = len(case.target_ids)
-    pos = set()
-    for p in patched:
-        pos.update(range(p, min(p + kl_positions, T)))
-    a0, a1 = case.answer_tokens
-    pos.update(range(a0 - 1, a1 - 1))
-    for a in case.anchors:
-        pos.update(r for r, _ in a.reads or [])
-    return Reads.build(pos)

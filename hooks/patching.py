@@ -6,37 +6,30 @@ position `wait + rel_pos` is replaced by the source model's state at the same co
 position, and the target's forward continues. One source forward captures every needed
 state; one clean target forward gives the baseline and its KV cache; each patched position
 then re-runs only the tail after it (the forward before it is unchanged), all layers at once
-as one batch (row j patches layer j).
+as one batch (row j patches layer j). A metric that reads a *branch* (a prefix of the
+trajectory followed by other tokens, e.g. the forced answer) gets one more such tail per
+patched position, over the branch.
 
-Metrics, all read from the target, teacher-forced on the trajectory's own tokens (answer =
-the gold answer, so the answer tokens give the forced gold probability):
-
-- ``kl``: KL(clean ‖ patched) of the next-token distribution, averaged over the patched
-  position and the `kl_positions - 1` positions after it (clipped at the sequence end).
-- ``correction``: with ground truth (the organism's ``extra["truth"]``): for a wait that
-  follows a slip, the probability the target gives the *correct* value of the re-checked step
-  at the position that writes it (the ``=`` token five after the wait predicts it). Waits
-  that do not follow a slip get no correction value. Without ground truth: the mean
-  probability of the trajectory's own next `continuation_tokens` tokens after the wait (the
-  discourse behaviour that followed).
-- ``gold_prob``: the probability of the gold answer when forced at the end of the reasoning
-  (the format's forcing suffix, then the gold answer's tokens).
-
-Effects are patched minus clean (for ``kl`` the KL itself). A ``random`` control anchor per
-wait — a uniformly drawn non-discourse reasoning token of the same trajectory *before* the
-wait, so its window, like the wait's, precedes what the metrics read — is patched the same
-way with the same metric read-outs.
+What a patch is measured by is a function passed in (`metrics`, as TransformerLens's
+`patching_metric`): a name of a built-in (`hooks.patch_metrics`: ``forced_answer``,
+``next_token_kl``, ``recheck``, and ``kl``/``gold_prob``), a `PatchMetric`, or a
+``{"name": fn}`` mapping. All are read from the target, teacher-forced on the trajectory
+rendered with the gold answer. Effects are patched minus clean (for a KL the KL itself: its
+clean value is 0). A ``random`` control anchor per wait — a uniformly drawn non-discourse
+reasoning token of the same trajectory *before* the wait, so its window, like the wait's,
+precedes what the metrics read — is patched the same way and read where its wait is read.
 
 `attribute` is attribution patching (the estimate lives in `hooks.attribution`): the
 first-order estimate ``(a_source - a_target) · ∂metric/∂a_target`` at every (layer, position)
-from one target forward + one backward per scalar metric. ``kl`` has zero gradient at the clean point (its
-minimum), so only ``correction`` and ``gold_prob`` are attributed.
+from one target forward + one backward per distinct scalar metric. Only differentiable
+metrics that read the trajectory itself are attributed (a KL has zero gradient at the clean
+point, its minimum).
 """
-
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple
 
 import pandas as pd
 import torch
@@ -46,16 +39,21 @@ from torch import Tensor
 from waitlens.hooks.attribution import attribution_estimates
 from waitlens.hooks.patch_cases import (
     DEFAULT_WINDOW,
-    DIFFERENTIABLE,
-    METRICS,
     ROW_COLUMNS,
-    Anchor,
     PatchCase,
     PatchResult,
+    PatchRow,
     Reads,
     parse_window,
     prepare_cases,
-    read_positions,
+)
+from waitlens.hooks.patch_metrics import (
+    DEFAULT_METRICS,
+    MetricError,
+    MetricInput,
+    PatchMetric,
+    Read,
+    resolve_metrics,
 )
 from waitlens.hooks.points import (
     StopForward,
@@ -124,30 +122,6 @@ def run_patched(model, ids: Sequence[int], patches: dict[tuple[int, int], Tensor
     return logits, seen
 
 
-def _metric_values(lp: Tensor, clean_lp: Tensor, reads: Reads, case: PatchCase, p: int, anchors: list[Anchor],
-                   kl_positions: int, metrics) -> dict[tuple[int, str], float]:
-    """Metric values per (anchor index, metric) from log-probs at `reads` (rows before p = clean)."""
-    T = len(case.target_ids)
-    out = {}
-    if "kl" in metrics:
-        ks = [reads.index[i] for i in range(p, min(p + kl_positions, T))]
-        c = clean_lp[ks]
-        kl = (c.exp() * (c - lp[ks])).sum(-1).clamp_min(0).mean().item()
-    if "gold_prob" in metrics:
-        a0, a1 = case.answer_tokens
-        g = sum(lp[reads.index[i - 1], case.target_ids[i]] for i in range(a0, a1))
-        gold = float(torch.as_tensor(g).exp())
-    for ai, a in enumerate(anchors):
-        if "kl" in metrics:
-            out[(ai, "kl")] = kl
-        if "gold_prob" in metrics:
-            out[(ai, "gold_prob")] = gold
-        if "correction" in metrics and a.reads:
-            src = [(lp if r >= p else clean_lp)[reads.index[r], tok] for r, tok in a.reads]
-            out[(ai, "correction")] = float(torch.stack(src).exp().mean())
-    return out
-
-
 def _cells(case: PatchCase, window: tuple[int, int]) -> dict[int, list[tuple[int, int]]]:
     """target position -> [(anchor index, rel_pos)] for every in-reasoning window cell."""
     cells: dict[int, list[tuple[int, int]]] = {}
@@ -157,6 +131,45 @@ def _cells(case: PatchCase, window: tuple[int, int]) -> dict[int, list[tuple[int
             if 0 <= off < case.align.n_reasoning:
                 cells.setdefault(case.align.target_start + off, []).append((ai, rel))
     return cells
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_reads(target, case: PatchCase, cells, metrics: Sequence[PatchMetric]):
+    """{(position, local cell index): [reads or None per metric]} and each branch's fork.
+
+    A branch read before the branch leaves the trajectory is the trajectory's own read (with
+    the branch's next token), so it is computed once.
+    """
+    forks: dict[tuple, int] = {}
+
+    def norm(r: Read) -> Read:
+        if r.branch is None:
+            return r
+        f = forks.get(r.branch)
+        if f is None:
+            f = forks[r.branch] = _common_prefix(r.branch, case.target_ids)
+        if r.position < f:
+            return Read(r.position, None, r.token if r.token is not None else int(r.branch[r.position + 1]))
+        return r
+
+    plan = {}
+    for p, cell in cells.items():
+        for local, (ai, _rel) in enumerate(cell):
+            a = case.anchors[ai]
+            row = []
+            for m in metrics:
+                rs = m.reads(target, case, a, p)
+                row.append(None if rs is None else [norm(r) for r in rs])
+            plan[(p, local)] = row
+    return plan, forks
 
 
 @torch.inference_mode()
@@ -186,15 +199,21 @@ def _cropped_cache(cache, p: int, batch: int, config):
 
 
 @torch.inference_mode()
-def _patched_rows(target, case: PatchCase, p: int, rows: list[tuple[int, Tensor]], reads: Reads,
-                  cache, use_cache: bool) -> Tensor:
-    """Log-probs at `reads` (positions >= p) for each row (layer, state) patched at position p."""
+def _tail_rows(target, seq: Sequence[int], p: int, rows: list[tuple[int, Tensor] | None], sel: Sequence[int],
+               cache, use_cache: bool) -> Tensor:
+    """Log-probs [row, len(sel), vocab] at positions `sel` (all >= p) of `seq`, row j patched at
+    position p with rows[j] = (layer, state) (None: unpatched); the first p tokens come from the
+    clean cache (its first p entries are `seq[:p]`'s) or, without `use_cache`, are re-run."""
     B = len(rows)
     start = p if use_cache and p > 0 else 0
-    ids = torch.tensor(case.target_ids[start:], dtype=torch.long, device=target.device)
+    ids = torch.tensor(list(seq[start:]), dtype=torch.long, device=target.device)
     x = ids.unsqueeze(0).expand(B, -1)
     fns = {}
-    for j, (layer, v) in enumerate(rows):
+    for j, row in enumerate(rows):
+        if row is None:
+            continue
+        layer, v = row
+
         def fn(h, j=j, v=v):
             h = h.clone()
             h[j, p - start] = v.to(h.dtype)
@@ -206,57 +225,90 @@ def _patched_rows(target, case: PatchCase, p: int, rows: list[tuple[int, Tensor]
         kwargs = dict(use_cache=False)
     with residual_hooks(target, fns):
         hid = decoder_of(target)(input_ids=x, **kwargs).last_hidden_state
-    sel = [i - start for i in reads.positions if i >= p]
-    return torch.log_softmax(lm_head_of(target)(hid[:, sel]).float(), -1)
+    return torch.log_softmax(lm_head_of(target)(hid[:, [i - start for i in sel]]).float(), -1)
 
 
-def _patch_case(source, target, case: PatchCase, layers, window, metrics, kl_positions, use_cache,
+def _value(x) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _patch_case(source, target, case: PatchCase, layers, window, metrics: list[PatchMetric], use_cache,
                 batch_size, skip_identical, cost):
     cells = _cells(case, window)
     patched = sorted(cells)
-    reads = read_positions(case, patched, kl_positions)
+    plan, forks = plan_reads(target, case, cells, metrics)
+    traj_pos: set[int] = set()
+    branch_pos: dict[tuple, set[int]] = {}
+    for row in plan.values():
+        for rs in row:
+            for r in rs or ():
+                if r.branch is None:
+                    traj_pos.add(r.position)
+                else:
+                    branch_pos.setdefault(r.branch, set()).add(r.position)
+    reads = Reads.build(traj_pos)
+    branch_reads = {b: Reads.build(ps) for b, ps in branch_pos.items()}
     t = time.perf_counter()
     src = capture_resid_pre(source, case.source_ids, [case.align.to_source(p) for p in patched], layers)
     cost["source_s"] += time.perf_counter() - t
     t = time.perf_counter()
     clean_lp, cache, tgt = _clean_target(target, case, layers, patched, reads)
+    clean_branch = {b: _tail_rows(target, b, forks[b], [None], br.positions, cache, use_cache)[0]
+                    for b, br in branch_reads.items()}
     cost["clean_s"] += time.perf_counter() - t
     cost["clean_forwards"] += 1
+    cost["branch_forwards"] += len(branch_reads)
     T = len(case.target_ids)
-    clean_vals = _metric_values(clean_lp, clean_lp, reads, case, T, case.anchors, kl_positions,
-                                [m for m in metrics if m != "kl"])
-    out = []
+
+    def clean_lookup(r: Read) -> Tensor:
+        if r.branch is None:
+            return clean_lp[reads.index[r.position]]
+        return clean_branch[r.branch][branch_reads[r.branch].index[r.position]]
+
+    out: list[PatchRow] = []
     t = time.perf_counter()
     for k, p in enumerate(patched):
-        anchors = [case.anchors[ai] for ai, _ in cells[p]]
         todo = [(li, layer) for li, layer in enumerate(layers)
                 if not (skip_identical and torch.equal(src[li, k], tgt[li, k]))]
-        vals: dict[int, dict] = {}
-        for li, layer in enumerate(layers):
-            if (li, layer) not in todo:
-                vals[layer] = _metric_values(clean_lp, clean_lp, reads, case, p, anchors, kl_positions, metrics)
-        for b in range(0, len(todo), batch_size):
-            chunk = todo[b:b + batch_size]
-            lp_rows = _patched_rows(target, case, p, [(layer, src[li, k]) for li, layer in chunk], reads, cache,
-                                    use_cache)
+        lookups = {layer: clean_lookup for layer in layers}  # identical states: the clean run
+        n_before = sum(1 for q in reads.positions if q < p)
+        sel = reads.positions[n_before:]
+        live = [b for b in branch_reads if forks[b] > p]  # a branch that leaves before p is not patched
+        for b0 in range(0, len(todo), batch_size):
+            chunk = todo[b0:b0 + batch_size]
+            rows = [(layer, src[li, k]) for li, layer in chunk]
+            lp_rows = _tail_rows(target, case.target_ids, p, rows, sel, cache, use_cache) if sel else None
             cost["tail_rows"] += len(chunk)
             cost["tail_token_fraction"] += len(chunk) * (T - p if use_cache else T) / T
-            n_before = sum(1 for q in reads.positions if q < p)
+            br_rows = {}
+            for b in live:
+                br_rows[b] = _tail_rows(target, b, p, rows, branch_reads[b].positions, cache, use_cache)
+                cost["branch_rows"] += len(chunk)
             for j, (_li, layer) in enumerate(chunk):
-                lp = torch.cat([clean_lp[:n_before], lp_rows[j]])
-                vals[layer] = _metric_values(lp, clean_lp, reads, case, p, anchors, kl_positions, metrics)
-        for local, ((ai, rel), a) in enumerate(zip(cells[p], anchors, strict=True)):
+                def lookup(r: Read, j=j, lp_rows=lp_rows, br_rows=br_rows, p=p, n_before=n_before) -> Tensor:
+                    if r.branch is None:
+                        if r.position < p:
+                            return clean_lp[reads.index[r.position]]
+                        return lp_rows[j, reads.index[r.position] - n_before]
+                    if r.branch not in br_rows:
+                        return clean_lookup(r)
+                    return br_rows[r.branch][j, branch_reads[r.branch].index[r.position]]
+                lookups[layer] = lookup
+        for local, (ai, rel) in enumerate(cells[p]):
+            a = case.anchors[ai]
+            clean = {mi: _value(m(MetricInput(target, case, a, p, plan[(p, local)][mi], clean_lookup, clean_lookup)))
+                     for mi, m in enumerate(metrics) if plan[(p, local)][mi] is not None}
             for layer in layers:
-                for metric in metrics:
-                    key = (local, metric)
-                    if key not in vals[layer]:
+                for mi, m in enumerate(metrics):
+                    rs = plan[(p, local)][mi]
+                    if rs is None:
                         continue
-                    v = vals[layer][key]
-                    c = 0.0 if metric == "kl" else clean_vals[(ai, metric)]
-                    out.append((case.trajectory.id, case.trajectory.problem_id, a.group, a.control, layer, rel, p,
-                                metric, c, v, v - c))
+                    c = clean[mi]
+                    v = _value(m(MetricInput(target, case, a, p, rs, lookups[layer], clean_lookup)))
+                    out.append(PatchRow("", "", "", case.trajectory.id, case.trajectory.problem_id, a.group,
+                                        a.control, layer, rel, p, m.name, c, v, v - c))
     cost["tail_s"] += time.perf_counter() - t
-    return out, (src, tgt, patched)
+    return out, (src, tgt, patched, plan, cells)
 
 
 def patch(
@@ -267,7 +319,7 @@ def patch(
     layers=None,
     *,
     window=DEFAULT_WINDOW,
-    metrics: Sequence[str] = METRICS,
+    metrics: Sequence[str | PatchMetric] | Mapping[str, object] = DEFAULT_METRICS,
     word: str = "wait",
     control: bool = True,
     kl_positions: int = 8,
@@ -282,54 +334,56 @@ def patch(
     """Patch `source`'s resid_pre states into `target` at every (layer, wait + rel_pos) cell.
 
     positions: a Positions table in the target's tokenization (default: every `word`
-    occurrence); layers: None/"all", ints or "0,2"; window: inclusive (lo, hi) or "-2:4".
+    occurrence); layers: None/"all", ints or "0,2"; window: inclusive (lo, hi) or "-2:4";
+    metrics: built-in names, PatchMetrics, or {"name": fn} (`hooks.patch_metrics`); default
+    ``forced_answer``, ``next_token_kl``, ``recheck``. kl_positions: the KL built-ins' window.
     use_cache: re-run only the tail after each patched position from the clean KV cache
     (equal to a full re-run up to float error; False = full re-runs). skip_identical: a cell
     whose source state equals the target's own is not re-run (its effect is exactly zero).
     attribution: also fill the `attribution` column (first-order estimate, see `attribute`).
-    Returns a PatchResult with one row per (trajectory, anchor, layer, rel_pos, metric).
+    Returns a PatchResult with one row (`PatchRow`) per (trajectory, anchor, layer, rel_pos, metric).
     """
     from tqdm.auto import tqdm
 
-    metrics = list(metrics)
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metric(s) {bad}; use {METRICS}")
+    metric_fns = resolve_metrics(metrics, kl_positions=kl_positions)
     window = parse_window(window)
     layers = resolve_layers(layers, target.n_layers)
     cases, info = prepare_cases(source, target, trajectories, positions, word=word, control=control, seed=seed)
     direction = direction or f"{target.spec}<-{source.spec}"
-    cost = dict(source_s=0.0, clean_s=0.0, tail_s=0.0, attribution_s=0.0, clean_forwards=0, tail_rows=0,
-                tail_token_fraction=0.0, backward_passes=0)
-    rows = []
+    cost = dict(source_s=0.0, clean_s=0.0, tail_s=0.0, attribution_s=0.0, clean_forwards=0, branch_forwards=0,
+                tail_rows=0, branch_rows=0, tail_token_fraction=0.0, backward_passes=0)
+    diff = [m for m in metric_fns if m.differentiable]
+    rows: list[PatchRow] = []
     for case in tqdm(cases, desc=f"patching {direction}", disable=not progress):
-        out, ctx = _patch_case(source, target, case, layers, window, metrics, kl_positions, use_cache, batch_size,
+        out, ctx = _patch_case(source, target, case, layers, window, metric_fns, use_cache, batch_size,
                                skip_identical, cost)
         if attribution:
-            att = attribution_estimates(target, case, layers, window, [m for m in metrics if m in DIFFERENTIABLE], ctx,
-                                  cost)
-            out = [r + (att.get((r[2], r[3], r[4], r[5], r[7]), float("nan")),) for r in out]
-        else:
-            out = [r + (float("nan"),) for r in out]
+            att = attribution_estimates(target, case, layers, diff, metric_fns, ctx, cost)
+            for r in out:
+                r.attribution = att.get((r.position, r.anchor, r.control, r.rel_pos, r.layer, r.metric), float("nan"))
         rows.extend(out)
-    table = pd.DataFrame([(direction, source.spec, target.spec, *r) for r in rows], columns=ROW_COLUMNS)
-    info.update(direction=direction, directions=[direction], layers=layers, window=list(window), metrics=metrics,
-                kl_positions=kl_positions, use_cache=use_cache, cost=cost)
+    for r in rows:
+        r.direction, r.source, r.target = direction, source.spec, target.spec
+    table = pd.DataFrame([astuple(r) for r in rows], columns=ROW_COLUMNS)
+    info.update(direction=direction, directions=[direction], layers=layers, window=list(window),
+                metrics=[m.name for m in metric_fns], kl_positions=kl_positions, use_cache=use_cache, cost=cost)
     return PatchResult(table, info)
 
 
 def attribute(source, target, trajectories, positions=None, layers=None, *, window=DEFAULT_WINDOW,
-              metrics: Sequence[str] = DIFFERENTIABLE, **kwargs) -> PatchResult:
+              metrics=("gold_prob", "recheck"), **kwargs) -> PatchResult:
     """Exact patching and attribution patching on the same grid (the `attribution` column).
 
-    ``kl`` cannot be attributed: it is minimised (gradient zero) at the clean run.
+    A KL cannot be attributed: it is minimised (gradient zero) at the clean run.
     """
-    if "kl" in metrics:
-        raise ValueError("attribution patching cannot estimate 'kl': KL(clean‖patched) has zero gradient at the "
-                         "clean run; use 'correction' or 'gold_prob'")
+    fns = resolve_metrics(metrics, kl_positions=kwargs.get("kl_positions", 8))
+    bad = [m.name for m in fns if m.name in ("kl", "next_token_kl")]
+    if bad:
+        raise MetricError(f"attribution patching cannot estimate {bad[0]!r}: KL(clean‖patched) has zero gradient "
+                          "at the clean run; use a differentiable metric such as 'gold_prob' or 'recheck'")
     return patch(source, target, trajectories, positions, layers, window=window, metrics=metrics,
                  attribution=True, **kwargs)
 
 
-__all__ = ["DEFAULT_WINDOW", "DIFFERENTIABLE", "METRICS", "PatchResult", "attribute", "capture_resid_pre", "patch",
-           "prepare_cases", "run_patched"]
+__all__ = ["DEFAULT_WINDOW", "PatchResult", "PatchRow", "attribute", "capture_resid_pre", "patch", "prepare_cases",
+           "run_patched"]

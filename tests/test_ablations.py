@@ -50,7 +50,7 @@ def test_ablate_metrics(tmp_path):
     assert len(g) == 3 and (g["clean"] > 0).all() and (g["clean"] != g["ablated"]).all()
     kl = t[t["metric"] == "kl"]["effect"]
     assert np.isfinite(kl).all() and (kl > 0).all()
-    # no truth: correction = probability of the wait's own continuation, aligned after the edit
-    assert t[t["metric"] == "correction"]["effect"].notna().all()
+    # the default read-out: probability of the wait's own continuation, aligned after the edit
+    assert t[t["metric"] == "continuation"]["effect"].notna().all()
     t2, _ = ablate(m, trajs[:3], "shuffle-steps", separators=SEPS)
     assert t2[t2["metric"] == "gold_prob"]["effect"].notna().all()

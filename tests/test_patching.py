@@ -14,6 +14,14 @@ from waitlens.hooks import load_model
 from waitlens.hooks.alignment import PairError
 from waitlens.hooks.patching import capture_resid_pre, patch, prepare_cases, run_patched
 
+ORG = ["kl", "correction", "gold_prob"]  # the organism's metric set (correction: experiments.organism.metrics)
+
+
+def org_metrics(names=ORG):
+    from waitlens.experiments.analyses.patch import resolve_study_metrics
+
+    return resolve_study_metrics(names)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -44,13 +52,14 @@ def quiet(fn, *a, **k):
 def test_self_patch_changes_nothing_exactly(pair):
     a, a2, _ = pair
     for src in (a, a2):  # own states, and a second copy of the same weights
-        res = quiet(patch, src, a, trajs(), use_cache=False, batch_size=1, skip_identical=False)
-        t = res.table
-        assert len(t) and set(t["metric"]) == {"kl", "correction", "gold_prob"}
-        assert (t["effect"] == 0).all(), t[t["effect"] != 0].head()
-        assert torch.equal(torch.tensor(t["patched"].to_numpy()), torch.tensor(t["clean"].to_numpy()))
-        fast = quiet(patch, src, a, trajs())  # default path: identical states are not re-run
-        assert (fast.table["effect"] == 0).all()
+        for metrics in (org_metrics(), ["forced_answer", "next_token_kl", "recheck"]):
+            res = quiet(patch, src, a, trajs(), use_cache=False, batch_size=1, skip_identical=False, metrics=metrics)
+            t = res.table
+            assert len(t) and set(t["metric"]) == {m if isinstance(m, str) else m.name for m in metrics}
+            assert (t["effect"] == 0).all(), t[t["effect"] != 0].head()
+            assert torch.equal(torch.tensor(t["patched"].to_numpy()), torch.tensor(t["clean"].to_numpy()))
+            fast = quiet(patch, src, a, trajs(), metrics=metrics)  # default path: identical states are not re-run
+            assert (fast.table["effect"] == 0).all()
 
 
 def test_prefix_untouched_and_patch_lands(pair):
@@ -70,8 +79,8 @@ def test_prefix_untouched_and_patch_lands(pair):
 
 def test_cached_tail_equals_full_rerun(pair):
     a, _, b = pair
-    fast = quiet(patch, b, a, trajs(), use_cache=True)
-    slow = quiet(patch, b, a, trajs(), use_cache=False)
+    fast = quiet(patch, b, a, trajs(), use_cache=True, metrics=org_metrics())
+    slow = quiet(patch, b, a, trajs(), use_cache=False, metrics=org_metrics())
     assert len(fast.table) == len(slow.table) > 0
     np.testing.assert_allclose(fast.table["patched"], slow.table["patched"], atol=1e-5)
     assert (fast.table["effect"].abs() > 0).any()
@@ -112,7 +121,7 @@ def test_attribution_tracks_exact_for_small_patches(pair):
     with torch.no_grad():
         for prm in a_small.hf.parameters():
             prm.add_(1e-3 * torch.randn_like(prm))
-    res = quiet(patch, a_small, a, trajs(4), attribution=True, metrics=["gold_prob", "correction"])
+    res = quiet(patch, a_small, a, trajs(4), attribution=True, metrics=org_metrics(["gold_prob", "correction"]))
     t = res.table
     assert t["attribution"].notna().all()
     for m in ("gold_prob", "correction"):
@@ -123,6 +132,8 @@ def test_attribution_tracks_exact_for_small_patches(pair):
         from waitlens.hooks.patching import attribute
 
         attribute(b, a, trajs(), metrics=["kl"])
+    with pytest.raises(ValueError, match="zero gradient"):
+        attribute(b, a, trajs(), metrics=["next_token_kl"])
 
 
 def test_bad_pairs(pair, tmp_path):
@@ -186,3 +197,69 @@ def test_cli_ablate(pair, tmp_path):
 
     s = pd.read_csv(tmp_path / "ab" / "ablation_effects.csv")
     assert set(s["kind"]) == {"replace-wait", "remove-wait", "shuffle-steps", "delete-steps"}
+
+
+def test_null_patch_cli_writes_exact_zeros(pair, tmp_path):
+    """#15: the same model as source and target — effects all exactly 0, exit 0, one direction."""
+    import pandas as pd
+
+    from waitlens.experiments.cli import main
+    from waitlens.traces import save_trajectories
+
+    a, _, _ = pair
+    f = save_trajectories(trajs(4), tmp_path / "t.jsonl")
+    out = tmp_path / "null"
+    rc = main(["patch", "--source", a.spec, "--target", a.spec, "--trajectories", str(f), "--out", str(out),
+               "--window", "-1:1", "--n-boot", "20", "--quiet"])
+    assert rc == 0
+    rows = pd.read_csv(out / "patch_rows.csv.gz")
+    assert set(rows["metric"]) == {"forced_answer", "next_token_kl", "recheck"}
+    assert (rows["effect"] == 0).all() and rows["direction"].nunique() == 1
+    eff = pd.read_csv(out / "patch_effects.csv")
+    assert (eff["mean"] == 0).all()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_builtin_metrics_equal_reference_forwards(pair):
+    """forced_answer and recheck read what a full patched forward over the same tokens gives."""
+    from waitlens.hooks.answer import suffix_tokens
+    from waitlens.hooks.patch_metrics import opening_tokens
+
+    a, _, b = pair
+    traj = tiny_trajectory(0)
+    res = quiet(patch, b, a, [traj], metrics=["forced_answer", "recheck"], window="-1:1", control=False)
+    t = res.table
+    rd = a.render(traj)
+    ids = rd.input_ids
+    st = suffix_tokens(a, traj.gold)
+    for (_, row) in t[t["rel_pos"] <= 0].iterrows():
+        p, layer = int(row["position"]), int(row["layer"])
+        wait = p - int(row["rel_pos"])
+        k = min(wait + 1 + 8, rd.reasoning_tokens[1])
+        if row["metric"] == "forced_answer":
+            seq = ids[:k] + st.forcing + st.answer
+            v = capture_resid_pre(b, seq, [p], [layer])[0, 0]
+            logits, _ = run_patched(a, seq, {(layer, p): v})
+            lp = torch.log_softmax(logits.float(), -1)
+            first = k + len(st.forcing) - 1
+            ref = float(sum(lp[first + j, tok] for j, tok in enumerate(st.answer)).exp())
+        else:
+            v = capture_resid_pre(b, ids, [p], [layer])[0, 0]
+            logits, _ = run_patched(a, ids, {(layer, p): v})
+            lp = torch.log_softmax(logits.float(), -1)
+            ref = float(lp[wait, opening_tokens(a.tokenizer, [" check"])].exp().sum())
+        assert abs(ref - row["patched"]) < 1e-5, (row.to_dict(), ref)
+    assert (t["effect"].abs() > 0).any()
+
+
+def test_metric_functions_and_bad_names(pair):
+    a, _, b = pair
+    from waitlens.hooks.patch_metrics import MetricError
+
+    def top_logprob(x):  # a plain function of the patched output
+        return max(float(x.logprobs(r).max()) for r in x.reads)
+
+    res = quiet(patch, b, a, trajs(1), metrics={"top": top_logprob}, window="0:0", control=False)
+    assert set(res.table["metric"]) == {"top"} and res.table["patched"].notna().all()
+    with pytest.raises(MetricError, match="unknown metric 'correctoin'"):
+        patch(b, a, trajs(1), metrics=["correctoin"])

@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 
 from waitlens import hooks
+from waitlens.experiments.organism.metrics import sampled_corrections
 from waitlens.hooks.generate import continue_texts
-from waitlens.hooks.sampled import SAMPLED_COLUMNS, sampled_corrections
+from waitlens.hooks.sampled import SAMPLED_COLUMNS
 
 
 @pytest.fixture(scope="module")

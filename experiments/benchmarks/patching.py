@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from waitlens.experiments.analyses.patch import resolve_study_metrics
     from waitlens.hooks import load_model
     from waitlens.hooks.patching import patch
     from waitlens.probes.patching import attribution_agreement
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
-            res = patch(source, target, trajs, layers=args.layers, window=args.window, metrics=metrics,
+            res = patch(source, target, trajs, layers=args.layers, window=args.window,
+                        metrics=resolve_study_metrics(metrics),
                         attribution=True)
             wall = time.perf_counter() - t0
         c, n = res.info["cost"], res.info["n_cases"]
