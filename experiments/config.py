@@ -8,18 +8,23 @@ cross-model patching needs equal layer counts and widths) before anything is loa
 from __future__ import annotations
 
 import difflib
+import re
+import types
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
+from waitlens.traces.errors import WaitlensError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROBLEM_SOURCES = ("organism", "arithmetic", "jsonl", "hf")
 STAGES = ("trajectories", "positions", "capture", "tokens", "answers", "probes", "patching", "ablations", "report")
 
 
-class ConfigError(ValueError):
+class ConfigError(WaitlensError):
     """A config that cannot run; the message names the file, the key and the problem."""
 
 
@@ -211,6 +216,7 @@ def _check_keys(table: dict, known: set[str], source: str, prefix: str) -> None:
 def _check_values(cfg: StudyConfig, source: str) -> None:
     if not cfg.models:
         raise ConfigError(f"{source}: no [models] given")
+    check_value_types(cfg, source)
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise ConfigError(f"{source}: unknown stage(s) {bad}; stages are {list(STAGES)}")
@@ -232,6 +238,144 @@ def _check_values(cfg: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: patching.window must be [lo, hi] with lo <= hi, got {cfg.patching.window}")
 
 
+# -- value checks -------------------------------------------------------------------------------
+# Table-driven: every key's type comes from its dataclass annotation (bool, int, float, str,
+# list[...], dict, unions, None), so a new key is type-checked as soon as it has a field. Add its
+# range to RANGES and its allowed values to CHOICES here (keys are dotted: "section.key";
+# "models.*.key" for every model's table). A bool is never accepted as a number, a string never
+# as a bool or a list ("false" is not false; "wait" is not ["wait"]).
+RANGES: dict[str, tuple[float | None, float | None]] = {  # inclusive (lo, hi); None: unbounded
+    "seed": (0, None),
+    "trajectories.n_problems": (1, None),
+    "trajectories.n_per_problem": (1, None),
+    "trajectories.temperature": (0, None),
+    "trajectories.top_p": (1e-9, 1),
+    "trajectories.max_new_tokens": (1, None),
+    "capture.batch_size": (1, None),
+    "tokens.min_count": (1, None),
+    "tokens.n_boot": (1, None),
+    "answers.every": (1, None),
+    "answers.around": (0, None),
+    "answers.window": (1, None),
+    "answers.jump": (0, 1),
+    "answers.confidence": (0, 1),
+    "answers.max_trajectories": (1, None),
+    "probes.folds": (2, None),
+    "probes.n_boot": (1, None),
+    "patching.max_trajectories": (1, None),
+    "ablations.max_trajectories": (1, None),
+}
+# allowed values of a string key, or of each element of a list key (tests keep these equal to
+# the constants of the modules that use them, which config does not import: it stays light)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trajectories.source": ("sample", "jsonl", "hf"),
+    "trajectories.problems": PROBLEM_SOURCES,
+    "capture.hook": ("resid_post", "resid_pre"),
+    "capture.anchor": ("first", "last", "both"),
+    "capture.storage_dtype": ("float32", "float16", "bfloat16"),
+    "patching.metrics": ("kl", "correction", "gold_prob"),
+    "ablations.kinds": ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps"),
+    "stages": STAGES,
+    "models.*.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+}
+NONEMPTY = ("lexicon", "stages", "probes.words", "patching.metrics", "ablations.kinds")  # lists
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a plain name: a run dir is <runs>/<name>
+_LAYERS = re.compile(r"^all$|^\d+(,\d+)*$")
+
+
+def check_value_types(cfg: StudyConfig, source: str) -> None:
+    """Type, range and choice checks of every value (raises ConfigError naming the key)."""
+    for key, value, tp in _all_values(cfg):
+        problem = _type_problem(value, tp)
+        if problem:
+            raise ConfigError(f"{source}: {key} must be {problem}, got {value!r}")
+        rule = key if not key.startswith("models.") else "models.*." + key.rsplit(".", 1)[-1]
+        if rule in RANGES and not isinstance(value, bool) and isinstance(value, int | float):
+            lo, hi = RANGES[rule]
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                span = f"between {lo} and {hi}" if lo is not None and hi is not None else (
+                    f"at least {lo}" if lo is not None else f"at most {hi}")
+                raise ConfigError(f"{source}: {key} must be {span}, got {value!r}")
+        if rule in CHOICES and value is not None:
+            bad = [v for v in (value if isinstance(value, list) else [value]) if v not in CHOICES[rule]]
+            if bad:
+                raise ConfigError(f"{source}: {key} has {bad[0]!r}; valid values: {', '.join(CHOICES[rule])}")
+        if rule in NONEMPTY and isinstance(value, list) and not value:
+            raise ConfigError(f"{source}: {key} must not be empty")
+        if rule.endswith("layers") and isinstance(value, str) and not _LAYERS.match(value):
+            raise ConfigError(f"{source}: {key} must be 'all' or a list of layer numbers, got {value!r}")
+        if rule.endswith("layers") and isinstance(value, list) and any(v < 0 for v in value):
+            raise ConfigError(f"{source}: {key} must hold layer numbers >= 0, got {value!r}")
+    if not RUN_NAME.match(cfg.name) or cfg.name in (".", ".."):
+        raise ConfigError(
+            f"{source}: name must be a plain name (letters, digits, '.', '_', '-'; no '/' or '..'), got "
+            f"{cfg.name!r}: the run directory is <runs>/<name>"
+        )
+    dup = sorted({s for s in cfg.stages if cfg.stages.count(s) > 1})
+    if dup:
+        raise ConfigError(f"{source}: stages lists {dup[0]!r} twice")
+
+
+def _all_values(cfg: StudyConfig):
+    """(dotted key, value, annotated type) of every config value."""
+    hints = typing.get_type_hints(StudyConfig)
+    for f in fields(StudyConfig):
+        if f.name in ("source", "models") or f.name in _SECTIONS:
+            continue
+        yield f.name, getattr(cfg, f.name), hints[f.name]
+    for section in _SECTIONS:
+        obj = getattr(cfg, section)
+        sh = typing.get_type_hints(type(obj))
+        for f in fields(obj):
+            yield f"{section}.{f.name}", getattr(obj, f.name), sh[f.name]
+    mh = typing.get_type_hints(ModelSpec)
+    for name, m in cfg.models.items():
+        for f in fields(m):
+            yield f"models.{name}.{f.name}", getattr(m, f.name), mh[f.name]
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               dict: "a table", type(None): "absent"}
+
+
+def _type_problem(value, tp) -> str | None:
+    """None if `value` is a `tp` (as TOML gives it), else what it must be, in words."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if any(_type_problem(value, t) is None for t in options):
+            return None
+        return " or ".join(_type_problem(_Never, t) or "" for t in options if t is not type(None))
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            return f"a list of {_plural(item)}"
+        if any(_type_problem(v, item) for v in value):
+            return f"a list of {_plural(item)}"
+        return None
+    if origin is dict or tp is dict:
+        return None if isinstance(value, dict) else "a table"
+    if tp is Any:
+        return None
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if tp is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
+    if isinstance(tp, type):
+        return None if isinstance(value, tp) else _TYPE_WORDS.get(tp, tp.__name__)
+    return None  # an annotation this checker does not know: accepted
+
+
+class _Never:
+    """A value of no type (to word a union's options)."""
+
+
+def _plural(tp) -> str:
+    return {str: "strings", int: "integers", float: "numbers", bool: "booleans"}.get(tp, "values")
+
+
 def check_models(cfg: StudyConfig) -> dict[str, dict]:
     """Resolve every model spec and read its shape without loading weights.
 
@@ -246,6 +390,10 @@ def check_models(cfg: StudyConfig) -> dict[str, dict]:
             facts[name] = describe_spec(m.spec, revision=m.revision)
         except ModelLoadError as e:
             raise ConfigError(f"{cfg.source}: models.{name}: {e}") from None
+    _check_layers(cfg, facts)
+    t = cfg.trajectories
+    if t.path and (t.source == "jsonl" or t.problems == "jsonl") and not Path(t.path).is_file():
+        raise ConfigError(f"{cfg.source}: trajectories.path: file not found: {t.path}")
     if "patching" in cfg.stages:
         a, b = facts[cfg.patching.source], facts[cfg.patching.target]
         for key in ("n_layers", "d_model"):
@@ -256,3 +404,19 @@ def check_models(cfg: StudyConfig) -> dict[str, dict]:
                     f"({b['spec']}) has {key}={b[key]}; remove 'patching' from stages or pick another pair"
                 )
     return facts
+
+
+def _check_layers(cfg: StudyConfig, facts: dict[str, dict]) -> None:
+    """capture.layers / patching.layers inside every model that uses them."""
+    uses = {"capture.layers": (cfg.capture.layers, list(cfg.models), "capture"),
+            "patching.layers": (cfg.patching.layers, [cfg.patching.source, cfg.patching.target], "patching")}
+    for key, (layers, names, stage) in uses.items():
+        if layers == "all" or stage not in cfg.stages:
+            continue
+        wanted = [int(x) for x in layers.split(",")] if isinstance(layers, str) else list(layers)
+        for name in names:
+            n = facts.get(name, {}).get("n_layers")
+            bad = [x for x in wanted if n and x >= n]
+            if bad:
+                raise ConfigError(f"{cfg.source}: {key}: layer {bad[0]} does not exist in models.{name} "
+                                  f"({facts[name]['spec']} has layers 0..{n - 1})")

@@ -38,14 +38,54 @@ def own_trajectories(ctx: RunContext, name: str) -> list[Trajectory]:
 
 
 def pooled_trajectories(ctx: RunContext) -> list[Trajectory]:
-    """Every model's trajectories, once each (a JSONL source shared by all models appears once)."""
+    """Every model's trajectories, once each (a JSONL source shared by all models appears once).
+    A model without its trajectory file is an error (the trajectories stage did not finish)."""
     out: dict[str, Trajectory] = {}
-    for name in ctx.cfg.models:
+    t = ctx.cfg.trajectories
+    writers = t.from_models if t.source == "sample" and t.from_models else list(ctx.cfg.models)
+    for name in writers:
         path = _trajectory_file(ctx, name)
-        if path.is_file():
-            for t in load_trajectories(path):
-                out.setdefault(t.id, t)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: rerun the trajectories stage (--force trajectories)")
+        for tr in load_trajectories(path):
+            out.setdefault(tr.id, tr)
     return list(out.values())
+
+
+def split_by_model(trajs: list[Trajectory], models: dict[str, str], source: str | Path = "<trajectories>"
+                   ) -> dict[str, list[Trajectory]]:
+    """Each config model's trajectories from one file. Records without `model` serve every model;
+    a record's `model` must be a config model's name or its spec (`organism sample` writes the
+    spec, e.g. "organism:sft-1k"): anything else is an error, never "every model gets all"."""
+    from waitlens.experiments.config import ConfigError
+
+    if all(tr.model is None for tr in trajs):
+        return {name: list(trajs) for name in models}
+    by_spec: dict[str, list[str]] = {}
+    for name, spec in models.items():
+        by_spec.setdefault(spec, []).append(name)
+    out: dict[str, list[Trajectory]] = {name: [] for name in models}
+    for tr in trajs:
+        if tr.model is None:
+            raise ConfigError(f"{source}: trajectory {tr.id!r} has no 'model' while others do; give every "
+                              "record a model, or none (then every model reads them all)")
+        if tr.model in models:
+            out[tr.model].append(tr)
+        elif len(by_spec.get(tr.model, [])) == 1:
+            out[by_spec[tr.model][0]].append(tr)
+        elif tr.model in by_spec:
+            raise ConfigError(f"{source}: trajectory {tr.id!r} has model {tr.model!r}, the spec of several "
+                              f"models ({', '.join(by_spec[tr.model])}); name the models after the records' "
+                              "'model' values")
+        else:
+            raise ConfigError(f"{source}: trajectory {tr.id!r} has model {tr.model!r}, which is neither a name "
+                              f"in [models] ({', '.join(models)}) nor one of their specs "
+                              f"({', '.join(models.values())}); name the models after the records' 'model' values")
+    empty = [name for name, ts in out.items() if not ts]
+    if empty:
+        raise ConfigError(f"{source}: no trajectory has model {empty[0]!r} or {models[empty[0]]!r} (the file's "
+                          f"models: {', '.join(sorted({str(tr.model) for tr in trajs}))})")
+    return out
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -56,11 +96,9 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
     t = ctx.cfg.trajectories
     if t.source == "jsonl":
         trajs = load_trajectories(t.path)
-        by_model: dict[str, list[Trajectory]] = {}
-        for tr in trajs:
-            by_model.setdefault(tr.model or "jsonl", []).append(tr)
-        for name in ctx.cfg.models:  # a file without `model` keys serves every model
-            save_trajectories(by_model.get(name, trajs), out / f"{name}.jsonl")
+        by_model = split_by_model(trajs, {name: m.spec for name, m in ctx.cfg.models.items()}, t.path)
+        for name in ctx.cfg.models:
+            save_trajectories(by_model[name], out / f"{name}.jsonl")
         return {"source": str(t.path), "n": len(trajs)}
     problems = load_problems(t, ctx.cfg.seed)
     summary = {}

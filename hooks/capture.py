@@ -43,10 +43,12 @@ from waitlens.hooks.store import (
     METADATA,
     ActivationStore,
     StoreError,
+    finish_manifest,
     merge_metadata,
+    model_identity,
     now,
-    shard_fingerprint,
     shard_name,
+    shard_problem,
     versions,
     write_csv,
     write_json,
@@ -106,37 +108,50 @@ def capture_residuals(
     manifest = {
         "format": FORMAT, "model": model.spec, "revision": model.revision, "hook": kind,
         "layers": layer_list, "d_model": model.d_model, "dtype": storage_dtype,
-        "lexicon": list(pos.lexicon), "prompt_format": model.format.to_dict(),
+        "lexicon": list(pos.lexicon), "prompt_format": model.format.to_dict(), **model_identity(model),
         "n_positions": len(table), "shard_size": shard_size,
         "shards": [{"file": f"{shard_name(s.index)}.safetensors", "n": len(s.table), "fingerprint": s.fingerprint}
                    for s in shards],
         "complete": False, "versions": versions(), "created": now(),
     }
     existing = _existing_manifest(out)
+    old_entries: dict[str, dict] = {}
     if existing is not None:
         _check_resume(out, existing, manifest)
+        old_entries = {s["file"]: s for s in existing.get("shards", [])}
         if existing.get("complete"):
-            return ActivationStore(out)
+            try:
+                ActivationStore(out).verify()
+                return ActivationStore(out)
+            except StoreError:  # a damaged shard or metadata: recapture what fails its checks
+                pass
         manifest["created"] = existing.get("created", manifest["created"])
     if table.empty:
         warnings.warn(f"no positions to capture; writing an empty store at {out}", stacklevel=2)
 
     out.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for s, entry in zip(shards, manifest["shards"], strict=True):  # a shard is done if it passes its checks
+        old = {**old_entries.get(entry["file"], {}), **entry}
+        if shard_problem(out, old, layers=len(layer_list), d_model=model.d_model) is None:
+            entry.update({k: old[k] for k in ("bytes", "sha256") if k in old})
+        else:
+            todo.append(s)
     write_json(out / MANIFEST, manifest)
-    todo = [s for s in shards if shard_fingerprint(out / f"{shard_name(s.index)}.safetensors") != s.fingerprint]
     total = sum(len(s.trajectory_ids) for s in shards)
     bar = _progress(progress, total=total, initial=total - sum(len(s.trajectory_ids) for s in todo))
     try:
         for shard in todo:
             states = _capture_shard(model, shard, ids_by_traj, layer_list, kind, batch_size, bar)
-            write_shard(out, shard.index, states.to(sdtype), shard.table, shard.fingerprint)
+            entry = write_shard(out, shard.index, states.to(sdtype), shard.table, shard.fingerprint)
+            manifest["shards"][shard.index].update(entry)  # its size and sha256, for the checks
+            write_json(out / MANIFEST, manifest)
     finally:
         if bar is not None:
             bar.close()
     meta = merge_metadata(out, manifest["shards"]) if shards else _empty_metadata()
     write_csv(out / METADATA, meta)
-    manifest["complete"] = True
-    write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, finish_manifest(out, manifest))
     return ActivationStore(out)
 
 
@@ -268,7 +283,7 @@ def _empty_metadata() -> pd.DataFrame:
 
 # -- resume -----------------------------------------------------------------------------------
 CONFIG_KEYS = ("format", "model", "revision", "hook", "layers", "d_model", "dtype", "lexicon",
-               "prompt_format", "n_positions", "shard_size")
+               "prompt_format", "weights_sha256", "compute_dtype", "n_positions", "shard_size")
 
 
 def _existing_manifest(out: Path) -> dict | None:

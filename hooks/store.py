@@ -15,10 +15,19 @@ Every file is written under a temporary name and renamed into place; within a sh
 goes first and the safetensors last, so a shard exists exactly when its safetensors does.
 A store whose manifest says `complete: false` (an interrupted capture) is refused by the
 reader with a message saying to rerun the capture, which then resumes.
+
+The store checks itself: the manifest records each shard's size and sha256, the metadata's
+sha256, and what the states came from (`weights_sha256` of the model's weight files and its
+`compute_dtype`). Opening a store checks every shard's size and tensor shape; the first read
+of a shard checks its sha256, `metadata` checks its sha256 and row order, and
+`ActivationStore.verify()` (`waitlens store verify DIR`) checks everything. A resumed capture
+refuses other weights or another compute dtype (naming both values) and recaptures a shard
+that fails its checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +46,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from waitlens.traces.errors import WaitlensError
+
 FORMAT = "waitlens-activations/1"
 MANIFEST = "manifest.json"
 METADATA = "metadata.csv"
@@ -49,7 +60,7 @@ os.umask(_UMASK)
 _STR_COLUMNS = ("trajectory_id", "problem_id", "word", "surface", "anchor", "model")
 
 
-class StoreError(ValueError):
+class StoreError(WaitlensError):
     """A directory that is not a readable activation store; the message says what to do."""
 
 
@@ -123,13 +134,83 @@ def write_shard(
     metadata: pd.DataFrame,
     fingerprint: str = "",
 ) -> dict[str, Any]:
-    """Write one shard (csv first, safetensors last: the commit point); returns its manifest entry."""
+    """Write one shard (csv first, safetensors last: the commit point); returns its manifest
+    entry (file, n, fingerprint, bytes, sha256)."""
     name = shard_name(index)
     write_csv(out_dir / f"{name}.csv", metadata)
     tensors = {TENSOR: states.contiguous()}
     _atomic(out_dir / f"{name}.safetensors",
             lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": fingerprint, "format": FORMAT}))
-    return {"file": f"{name}.safetensors", "n": int(states.shape[0]), "fingerprint": fingerprint}
+    entry = {"file": f"{name}.safetensors", "n": int(states.shape[0]), "fingerprint": fingerprint}
+    return {**entry, **file_facts(out_dir / entry["file"])}
+
+
+# -- checksums --------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_facts(path: Path) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a file (what the manifest records for each shard)."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: each file hashed once per process
+
+
+def weights_sha256(model) -> str:
+    """A sha256 naming the model's weights: over its weight files (name + sha256 of each) when it
+    was loaded from a local directory, else over its parameters and buffers as loaded."""
+    source = getattr(model, "source_dir", None)
+    files = sorted(p for p in Path(source).iterdir() if p.suffix in WEIGHT_SUFFIXES) if source else []
+    h = hashlib.sha256()
+    if files:
+        for f in files:
+            st = f.stat()
+            key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+            if key not in _DIGESTS:
+                _DIGESTS[key] = sha256_file(f)
+            h.update(f.name.encode() + b"\0" + _DIGESTS[key].encode() + b"\n")
+        return h.hexdigest()
+    for name, t in model.hf.state_dict().items():
+        h.update(name.encode() + b"\0" + str(t.dtype).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_identity(model) -> dict[str, str]:
+    """What a store's states came from, beyond the spec: the weights and the compute dtype."""
+    return {"weights_sha256": weights_sha256(model), "compute_dtype": str(model.dtype).removeprefix("torch.")}
+
+
+def shard_problem(store_dir: Path, entry: dict[str, Any], *, checksum: bool = True,
+                  layers: int | None = None, d_model: int | None = None) -> str | None:
+    """What is wrong with one shard on disk (None: it is what the manifest says)."""
+    path = store_dir / entry["file"]
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"{path.name} has {size} bytes, the manifest says {entry['bytes']}"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shape = list(f.get_slice(TENSOR).get_shape())
+            fingerprint = (f.metadata() or {}).get("fingerprint")
+    except Exception as e:  # a truncated or foreign file
+        return f"{path.name} is not a readable shard ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    want = [entry["n"], layers, d_model]
+    if len(shape) != 3 or any(w is not None and w != g for w, g in zip(want, shape, strict=False)):
+        return f"{path.name} holds states of shape {shape}, the manifest says [{entry['n']}, {layers}, {d_model}]"
+    if entry.get("fingerprint") and fingerprint != entry["fingerprint"]:
+        return f"{path.name} was written for other trajectories/positions (fingerprint {fingerprint})"
+    if checksum and "sha256" in entry and sha256_file(path) != entry["sha256"]:
+        return f"{path.name} does not match its sha256 in the manifest (corrupted)"
+    return None
 
 
 def shard_fingerprint(path: Path) -> str | None:
@@ -186,6 +267,40 @@ class ActivationStore:
                 "shards written); rerun the same capture command with this --out to resume it"
             )
         self._dtype = storage_dtype(self.manifest["dtype"])
+        self._verified: set[int] = set()  # shards whose sha256 was checked
+        problems = self.problems(checksum=False)  # sizes, shapes, row counts: cheap
+        if problems:
+            raise StoreError(f"{self.path}: {problems[0]}{_more(problems)}; {_REPAIR}")
+
+    def problems(self, *, checksum: bool = True) -> list[str]:
+        """Every way the files differ from the manifest (empty: the store is intact)."""
+        shards = self.manifest.get("shards", [])
+        out = [p for s in shards if (p := shard_problem(self.path, s, checksum=checksum,
+                                                        layers=len(self.layers), d_model=self.d_model))]
+        total = sum(int(s["n"]) for s in shards)
+        if total != len(self):
+            out.append(f"the shards hold {total} rows, the manifest says n_positions {len(self)}")
+        mpath = self.path / METADATA
+        if not mpath.is_file():
+            out.append(f"{METADATA} is missing")
+        elif checksum and "metadata_sha256" in self.manifest and sha256_file(mpath) != self.manifest["metadata_sha256"]:
+            out.append(f"{METADATA} does not match its sha256 in the manifest (edited or corrupted)")
+        return out
+
+    def verify(self) -> int:
+        """Check every shard's size, shape and sha256 and the metadata; raises StoreError listing
+        what is wrong. Returns the number of bytes checked."""
+        problems = self.problems(checksum=True)
+        if not problems:
+            try:
+                self.metadata  # noqa: B018 (row order, row count)
+            except StoreError as e:
+                problems = [str(e).removeprefix(f"{self.path}: ")]
+        if problems:
+            raise StoreError(f"{self.path}: {problems[0]}{_more(problems)}; {_REPAIR}")
+        self._verified = set(range(len(self.manifest.get("shards", []))))
+        files = [self.path / s["file"] for s in self.manifest.get("shards", [])] + [self.path / METADATA]
+        return sum(f.stat().st_size for f in files)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -218,10 +333,23 @@ class ActivationStore:
     @cached_property
     def metadata(self) -> pd.DataFrame:
         """One row per position: Positions columns + `model`, `shard`, `row`."""
-        table = read_metadata(self.path / METADATA)
+        path = self.path / METADATA
+        if "metadata_sha256" in self.manifest and sha256_file(path) != self.manifest["metadata_sha256"]:
+            raise StoreError(f"{self.path}: {METADATA} does not match its sha256 in the manifest (edited or "
+                             f"corrupted); {_REPAIR}")
+        table = read_metadata(path)
         if len(table) != len(self):
             raise StoreError(f"{self.path}: metadata.csv has {len(table)} rows, manifest says {len(self)}")
+        if "row" in table and not np.array_equal(table["row"].to_numpy(), np.arange(len(table))):
+            bad = int(np.flatnonzero(table["row"].to_numpy() != np.arange(len(table)))[0])
+            raise StoreError(f"{self.path}: {METADATA} line {bad + 2} holds row {table['row'].iloc[bad]}, not {bad} "
+                             f"(rows reordered: they would be paired with other states); {_REPAIR}")
         return table
+
+    @property
+    def meta(self) -> pd.DataFrame:
+        """The metadata table (one row per position, in step with `states()`)."""
+        return self.metadata
 
     # -- states --------------------------------------------------------------------------------
     def _layer_index(self, layers) -> list[int]:
@@ -256,11 +384,22 @@ class ActivationStore:
             pick = np.flatnonzero(shard_of == k)
             local = rows[pick] - starts[k]
             lo, hi = int(local.min()), int(local.max()) + 1
+            self._check_shard(int(k))
             with safe_open(str(self.path / self.manifest["shards"][k]["file"]), framework="pt") as f:
                 block = f.get_slice(TENSOR)[lo:hi, l0:l1]
             sel = block[torch.from_numpy(local - lo)].index_select(1, lidx)
             out[torch.from_numpy(pick)] = sel.to(dtype)
         return out
+
+    def _check_shard(self, k: int) -> None:
+        """Its sha256, the first time shard `k` is read."""
+        if k in self._verified:
+            return
+        entry = self.manifest["shards"][k]
+        problem = shard_problem(self.path, entry, layers=len(self.layers), d_model=self.d_model)
+        if problem:
+            raise StoreError(f"{self.path}: {problem}; {_REPAIR}")
+        self._verified.add(k)
 
     def select(
         self, words: Sequence[str] | str | None = None, layers: Sequence[int] | int | None = None,
@@ -290,10 +429,27 @@ class ActivationStore:
         return self.states(layers, rows, dtype), meta.iloc[rows].reset_index(drop=True)
 
 
-def open_store(path: str | os.PathLike) -> tuple[Float[Tensor, "n layer d_model"], pd.DataFrame]:
-    """(states [n_positions, n_layers, d_model] float32, metadata) of a finished store."""
-    store = ActivationStore(path)
-    return store.states(), store.metadata
+_REPAIR = "rerun the capture command with this --out to recapture what is damaged (or delete the store)"
+
+
+def _more(problems: list[str]) -> str:
+    return f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+
+
+def open_store(path: str | os.PathLike) -> ActivationStore:
+    """A finished store (`.states(layers, rows)`, `.meta`, `.select(...)`); checked on open."""
+    return ActivationStore(path)
+
+
+def finish_manifest(store_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill in what a complete store's manifest records: each shard's bytes and sha256 (hashing
+    a shard written by an earlier, killed run), the metadata's sha256, `complete: true`."""
+    for entry in manifest["shards"]:
+        if "sha256" not in entry:
+            entry.update(file_facts(store_dir / entry["file"]))
+    manifest["metadata_sha256"] = sha256_file(store_dir / METADATA)
+    manifest["complete"] = True
+    return manifest
 
 
 # -- writing a whole store at once ------------------------------------------------------------
@@ -346,7 +502,7 @@ def write_store(
         entry = write_shard(tmp, 0, states.detach().to("cpu", storage_dtype(dtype)), meta)
         manifest["shards"] = [entry]
         write_csv(tmp / METADATA, meta)
-        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, finish_manifest(tmp, manifest))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

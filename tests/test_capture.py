@@ -242,7 +242,7 @@ def test_no_positions_gives_warning_and_empty_valid_store(tiny_model, trajs, tmp
         pos = find_positions(tiny_model, trajs, ["verify"])
         store = capture_residuals(tiny_model, trajs, pos, tmp_path / "s", progress=False)
     assert any("no positions" in str(x.message) for x in w)
-    states, meta = open_store(store.path)
+    states, meta = open_store(store.path).states(), open_store(store.path).meta
     assert states.shape == (0, tiny_model.n_layers, tiny_model.d_model) and len(meta) == 0
     assert store.manifest["complete"] and store.manifest["n_positions"] == 0
 
@@ -332,7 +332,7 @@ def test_cli_end_to_end(tiny_qwen_dir, trajs, tmp_path, capsys):
              "--words", "wait,so", "--hook", "resid_pre", "--controls", "--quiet", "--device", "cpu")
     out = capsys.readouterr().out
     assert rc == 0 and "captured" in out and "2 layers" in out
-    states, meta = open_store(tmp_path / "s")
+    states, meta = open_store(tmp_path / "s").states(), open_store(tmp_path / "s").meta
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert man["hook"] == "resid_pre" and man["layers"] == [0, 2] and man["lexicon"] == ["wait", "so"]
     assert set(meta["word"]) == {"wait", "so", "<control>"} and states.shape == (len(meta), 2, 32)
@@ -359,4 +359,4 @@ def test_cli_errors_are_one_clear_line(tiny_qwen_dir, trajs, tmp_path, capsys):
         rc = cli("--model", tiny_qwen_dir, "--trajectories", good, "--out", tmp_path / "e", "--words", "verify",
                  "--quiet", "--device", "cpu")
     assert rc == 0 and "captured 0 positions" in capsys.readouterr().out
-    assert open_store(tmp_path / "e")[0].shape == (0, 3, 32)
+    assert open_store(tmp_path / "e").states().shape == (0, 3, 32)

@@ -66,7 +66,7 @@ def test_full_study_then_skip(study, capsys):
     assert "## Patching wait-position states between models" in report
     assert not list(run_dir.glob("*.partial")), "no half-written stage left behind"
 
-    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", ".lock")}
     run_study(cfg, study_stages(), runs_root=root / "runs", quiet=True)  # everything done: nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
@@ -117,7 +117,7 @@ def test_config_of_another_run_is_refused(study):
     root, cfg = study
     run_study(cfg, study_stages(), runs_root=root / "other", quiet=True, only=["trajectories"])
     changed = parse_config({**cfg.to_dict(), "seed": 1}, source="x.toml")
-    with pytest.raises(ValueError, match="holds a run of a different config"):
+    with pytest.raises(ValueError, match=r"holds a run of a different study \(seed: 0 -> 1\)"):
         run_study(changed, study_stages(), runs_root=root / "other", quiet=True)
 
 

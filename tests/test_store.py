@@ -36,7 +36,8 @@ def synthetic(n=10, layers=3, d=8, seed=0):
 def test_round_trip_exact_and_typed(tmp_path):
     states, meta = synthetic()
     store = write_store(tmp_path / "s", states, meta, {"model": "toy", "lexicon": ["wait", "so"], "layers": [0, 2, 5]})
-    got, m = open_store(tmp_path / "s")
+    store = open_store(tmp_path / "s")
+    got, m = store.states(), store.meta
     assert got.dtype == torch.float32 and torch.equal(got, states)
     assert m["trajectory_id"].tolist() == meta["trajectory_id"].tolist()  # "00" not 0
     assert m["problem_id"].tolist() == meta["problem_id"].tolist()
@@ -81,7 +82,7 @@ def test_states_subsets_and_select(tmp_path):
 def test_empty_store(tmp_path):
     states, meta = synthetic(n=0)
     store = write_store(tmp_path / "s", states, meta, {"model": "toy"})
-    got, m = open_store(store.path)
+    got, m = open_store(store.path).states(), open_store(store.path).meta
     assert got.shape == (0, 3, 8) and len(m) == 0
 
 

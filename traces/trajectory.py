@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waitlens.traces.errors import WaitlensError
+
 REQUIRED_KEYS = ("id", "problem_id", "prompt", "reasoning", "answer", "gold")
 OPTIONAL_KEYS = ("correct", "model")
 
 
-class TrajectoryFileError(ValueError):
+class TrajectoryFileError(WaitlensError):
     """A trajectory file that cannot be read; the message names the file and line."""
 
 
@@ -78,13 +80,19 @@ class Trajectory:
 
 
 def iter_jsonl(path: str | os.PathLike, what: str = "JSONL") -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line; a line that is not JSON raises
-    `TrajectoryFileError` naming the file and the line."""
+    """(line number, parsed object) for every non-blank line; a line that is not UTF-8 or not
+    JSON raises `TrajectoryFileError` naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes, so a line that is not UTF-8 can be named
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TrajectoryFileError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -124,6 +132,12 @@ def load_trajectories(path: str | os.PathLike, *, grade_missing: bool = True) ->
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_trajectories(trajectories: Iterable[Trajectory], path: str | os.PathLike) -> Path:
     """Write trajectories as JSONL, atomically (a temp file renamed into place)."""
     path = Path(path)
@@ -133,6 +147,7 @@ def save_trajectories(trajectories: Iterable[Trajectory], path: str | os.PathLik
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for t in trajectories:
                 fh.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the umask's permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
