@@ -163,8 +163,8 @@ def load_config(path: str | Path | None = None) -> StudyConfig:
         else:
             raise ConfigError(f"config not found: {path} (shipped configs: {sorted(p.name for p in CONFIG_DIR.glob('*.toml'))})")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     return parse_config(raw, source=str(path))
 

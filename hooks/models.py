@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from waitlens.traces.errors import WaitlensError
 from waitlens.traces.formats import (
     PromptFormat,
     Rendered,
@@ -43,11 +44,11 @@ from waitlens.traces.trajectory import Trajectory
 ENTRY_POINT_GROUP = "waitlens.models"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(WaitlensError):
     """A model spec that cannot be loaded; the message says why and what to do."""
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(WaitlensError):
     """A trajectory longer than the model's context window."""
 
 
@@ -258,14 +259,20 @@ def _load_dir(path: Path, torch_dtype: torch.dtype, spec: str):
         raise ModelLoadError(f"{spec}: {path} is neither a directory nor a .gguf file")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{spec}: {path} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(path)
+    from safetensors import SafetensorError
+
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
-    except ValueError as e:
-        if "sdpa" not in str(e).lower():
-            raise ModelLoadError(f"{spec}: cannot load {config.model_type!r} as a causal LM ({e})") from None
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return hf, load_tokenizer(path)
+        config = AutoConfig.from_pretrained(path)
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+        except ValueError as e:
+            if "sdpa" not in str(e).lower():
+                raise ModelLoadError(f"{spec}: cannot load {config.model_type!r} as a causal LM ({e})") from None
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        return hf, load_tokenizer(path)
+    except (OSError, SafetensorError) as e:  # missing or truncated weights/tokenizer files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{spec}: cannot load the model in {path} ({type(e).__name__}: {first})") from None
 
 
 def load_tokenizer(path: Path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from waitlens.experiments.cli import nonnegative_int, positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -23,13 +25,13 @@ def register(subparsers) -> None:
                    help="which token of a multi-token word")
     p.add_argument("--controls", action="store_true",
                    help="also capture one matched random non-discourse position per discourse position")
-    p.add_argument("--seed", type=int, default=0, help="seed for --controls")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for --controls")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
     p.add_argument("--model-dtype", default="auto", help="dtype to run the model in (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--format", default=None, help="prompt format preset (default: the model's own)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=64, help="trajectories per shard (the unit of resume)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--shard-size", type=positive_int, default=64, help="trajectories per shard (the unit of resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(handler=run)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from waitlens.experiments.cli import int_at_least, nonnegative_int, positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("probe", help="linear probes for eventual correctness, per layer",
@@ -20,16 +22,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--word", action="append", default=None,
                    help="discourse word to probe at (repeatable; 'all' pools every word; default wait)")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer numbers (default: all stored)")
+    p.add_argument("--layers", type=nonnegative_int, nargs="+", default=None, help="layer numbers (default: all stored)")
     p.add_argument("--model", default=None, help="probe only this model's positions of a mixed store")
     p.add_argument("--allow-mixed", action="store_true", help="probe a store that mixes models, as one")
-    p.add_argument("--folds", type=int, default=5, help="outer CV folds, grouped by problem (default 5)")
-    p.add_argument("--inner-folds", type=int, default=3, help="inner CV folds choosing C (default 3)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of problems (default 1000)")
+    p.add_argument("--folds", type=int_at_least(2), default=5, help="outer CV folds, grouped by problem (default 5)")
+    p.add_argument("--inner-folds", type=int_at_least(2), default=3, help="inner CV folds choosing C (default 3)")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of problems (default 1000)")
     p.add_argument("--no-controls", action="store_true", help="skip the controls (faster)")
     p.add_argument("--transfer", action="store_true", help="also the transfer table between the stores")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads for the solver (default 1: its matrices are small, and extra threads "
                         "on a shared CPU slow it down; raise it on a machine of your own)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -73,6 +75,7 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
     out = Path(out)
     words = list(words)
     stores = [s if isinstance(s, ActivationStore) else ActivationStore(s) for s in stores]
+    _check_writable(out)  # before the work, not after it
     results, summary = [], {}
     for store in stores:
         res = fit_layer_probes(store, words=words, layers=layers, model=model,
@@ -112,3 +115,14 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
         print(matrix.round(3).to_string())
         print(f"wrote {out / 'transfer.csv'}, {out / 'transfer_cosine.csv'}, {out / 'transfer_matrix.png'}")
     return summary
+
+
+def _check_writable(out) -> None:
+    """Create `out` and write a scratch file there: an unwritable --out fails now, naming it."""
+    import os
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".waitlens-write-test.")
+    os.close(fd)
+    os.unlink(tmp)
