@@ -388,3 +388,43 @@ def test_probe_at_wait_finds_correctness_in_the_vigilant_post_large_only(tmp_pat
     assert abs(post["control_shuffled_auroc"] - 0.5) < 0.05
     for other in ("organism:sft-1k-vigilant", "organism:base"):
         assert best.loc[other, "margin_baseline_lo"] < 0  # not above position and length
+
+
+# -- the probe at "wait" on one model's own samples (`waitlens organism probe`) -----------------
+def test_probe_own_samples_probes_every_wait_of_one_model_only():
+    """The within-model probe: every "wait" its samples wrote (the ground truth's count) is one
+    probed position, every position is from those samples, and the store holds one model."""
+    from waitlens.experiments.organism.probe import format_probe, probe_own_samples
+
+    run = probe_own_samples("organism:post-large", n=100, folds=3, n_boot=50, progress=False)
+    rec, trajs = run.record, run.trajectories
+    assert len(trajs) == rec.n_trajectories == 100
+    assert rec.accuracy == pytest.approx(np.mean([bool(t.correct) for t in trajs]))
+    assert rec.n_positions == sum(len(t.extra["truth"]["waits"]) for t in trajs)
+    oof = run.probes.oof
+    assert set(oof["trajectory_id"]) <= {t.id for t in trajs}
+    assert rec.n_wrong_positions == int((oof[oof["layer"] == rec.layer]["correct"] == 0).sum())
+    assert run.probes.model == "organism:post-large"
+    assert rec.auroc == run.probes.table["auroc"].max()
+    assert "| organism:post-large | " in format_probe([rec])
+
+
+def test_probe_own_samples_refuses_too_few_wrong_answers():
+    from waitlens.experiments.organism.probe import OrganismProbeError, probe_own_samples
+
+    with pytest.raises(OrganismProbeError, match=r"organism:post-large-vigilant: \d+ 'wait' positions in 30 "
+                                                  r"samples, \d of them in wrong answers .*sample more"):
+        probe_own_samples("organism:post-large-vigilant", n=30, progress=False)
+
+
+@pytest.mark.slow
+def test_probe_at_wait_on_own_samples_finds_nothing_in_the_default_pair():
+    """Issue #18's fourth property, measured on the shipped default weights (README table): the
+    default post-large does not notice its slips, and on its OWN 600 samples the probe at "wait"
+    is not CI-separated above random positions or the position baseline; nor is sft-1k's."""
+    from waitlens.experiments.organism.probe import probe_own_samples
+
+    for spec in ("organism:post-large", "organism:sft-1k"):
+        rec = probe_own_samples(spec, n=600, n_boot=300, progress=False).record
+        assert not rec.separated, rec
+        assert rec.n_wrong_positions > 50 and abs(rec.control_shuffled_auroc - 0.5) < 0.08

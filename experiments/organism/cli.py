@@ -46,14 +46,27 @@ def register(subparsers) -> None:
     d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(handler=cmd_detect)
 
+    pr = sub.add_parser("probe", help="probe eventual correctness at 'wait' on each model's OWN samples",
+                        description="For each model on its own: sample held-out trajectories, capture the residual "
+                                    "stream at 'wait' and at matched random positions, fit per-layer correctness "
+                                    "probes; report the best layer's margins over the random-position control and "
+                                    "the position baseline (95% problem-bootstrap CIs).")
+    _model_args(pr, nargs="+", n=600, per_problem=False)
+    pr.add_argument("--word", default="wait", help="discourse word to probe at (default wait)")
+    pr.add_argument("--folds", type=int, default=5, help="outer CV folds, grouped by problem (default 5)")
+    pr.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of problems (default 1000)")
+    pr.add_argument("--json", default=None, help="also write the records as JSON here")
+    pr.set_defaults(handler=cmd_probe)
 
-def _model_args(p, nargs=None) -> None:
+
+def _model_args(p, nargs=None, n: int = 500, per_problem: bool = True) -> None:
     p.add_argument("--model", required=True, nargs=nargs,
                    help=MODEL_HELP)
-    p.add_argument("--n", type=int, default=500, help="number of trajectories (default 500)")
+    p.add_argument("--n", type=int, default=n, help=f"number of trajectories (default {n})")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--per-problem", type=int, default=1, help="samples per problem (default 1)")
+    if per_problem:
+        p.add_argument("--per-problem", type=int, default=1, help="samples per problem (default 1)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -118,4 +131,26 @@ def cmd_detect(args) -> int:
     results = {spec: detection(load(spec), n=args.n, seed=args.seed) for spec in args.model}
     print(f"{args.n} held-out problems per model, teacher-forced, 30% of steps slipped (seed {args.seed})")
     print(format_detection(results))
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from waitlens.experiments.organism.probe import format_probe, probe_own_samples
+    from waitlens.experiments.organism.sample import resolve_spec
+
+    for spec in args.model:
+        resolve_spec(spec)  # fail early on an unknown spec
+    records = [probe_own_samples(spec, n=args.n, seed=args.seed, temperature=args.temperature, word=args.word,
+                                 folds=args.folds, n_boot=args.n_boot).record for spec in args.model]
+    print(f"each model on its own samples: n={args.n} trajectories, temperature {args.temperature}, seed {args.seed}")
+    print(format_probe(records))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"n": args.n, "temperature": args.temperature, "seed": args.seed,
+                       "results": [r.to_dict() for r in records]}, fh, indent=2)
+        os.replace(tmp, path)
+    sys.stdout.flush()
     return 0

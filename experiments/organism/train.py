@@ -63,6 +63,13 @@ class TrainConfig:
     # at seed 1 (so 2,500 steps left seed 1 without it)
     vigilant_post_traces: int = 224000
     warmup: int = 100
+    # opt-in (the "paced" recipe, `PACED`): stop the base as soon as its held-out teacher-forced slip
+    # rate (1 - mean P(correct value) at each step's "=", `base_slip`) falls to this level, checked every
+    # `base_check_every` steps; `base_steps` is then the cap and the cosine schedule's length. None (the
+    # default): exactly `base_steps` steps. A fixed step count leaves the base wherever the seed put its
+    # arithmetic jump; a fixed slip level stops every seed at the same point of the jump.
+    base_stop_slip: float | None = None
+    base_check_every: int = 5
     threads: int = 1  # bitwise reproducibility needs the same thread count; 1 is fastest on a shared CPU
     arch: dict | None = None  # overrides of model.ARCH (the smoke test uses a tinier model)
 
@@ -73,17 +80,24 @@ SMOKE = TrainConfig(base_steps=6, base_batch=8, sft_traces=16, sft_epochs=1, sft
                               num_key_value_heads=2))
 
 
+# the paced recipe: the base stopped mid-jump at seed 0's shipped level of slips (0.30 per step when
+# sampled; see experiments/organism/README.md for what it does and does not fix)
+PACED = TrainConfig(base_steps=1200, base_stop_slip=0.30)
+RECIPES = {"default": TrainConfig(), "paced": PACED}
+
+
 def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def make_corpus(spec: CorpusSpec, n: int, rng: np.random.Generator) -> list[tuple[list[int], int]]:
+def make_corpus(spec: CorpusSpec, n: int, rng: np.random.Generator,
+                split: str = "train") -> list[tuple[list[int], int]]:
     """`n` training sequences: (token ids, number of prompt tokens)."""
     from waitlens.experiments.organism.model import encode
 
     out = []
     for _ in range(n):
-        p = random_problem(rng)
+        p = random_problem(rng, split=split)
         reasoning, answer, _ = make_trace(p, spec, rng)
         out.append(encode(p, reasoning, answer))
     return out
@@ -110,8 +124,12 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_steps(model, batches, *, lr: float, warmup: int, desc: str, total: int | None = None,
-                progress: bool = True) -> dict:
-    """Run AdamW over an iterable of (x, y) batches with warmup + cosine decay to 10%."""
+                progress: bool = True, stop=None, check_every: int = 10) -> dict:
+    """Run AdamW over an iterable of (x, y) batches with warmup + cosine decay to 10%.
+
+    stop: optional ``stop(model) -> bool`` called every `check_every` steps (in eval mode, no
+    gradients); training ends at the first true (the schedule stays that of `total` steps).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -131,8 +149,16 @@ def train_steps(model, batches, *, lr: float, warmup: int, desc: str, total: int
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if stop is not None and (step + 1) % check_every == 0:
+            model.eval()
+            with torch.no_grad():
+                done = stop(model)
+            model.train()
+            if done:
+                break
+    bar.close()
     model.eval()
-    return {"steps": total, "final_loss": float(np.mean(losses[-50:])) if losses else None}
+    return {"steps": len(losses), "final_loss": float(np.mean(losses[-50:])) if losses else None}
 
 
 def _epochs(data, epochs: int, batch: int, rng: np.random.Generator):
@@ -145,8 +171,13 @@ def _epochs(data, epochs: int, batch: int, rng: np.random.Generator):
 
 
 def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig = TrainConfig(),
-              progress: bool = True, log=print) -> dict[str, Path]:
-    """Train base, sft-1k and post-large; write each to ``out/<regime>/``. Returns the dirs."""
+              progress: bool = True, log=print, regimes: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Train the base and the regimes fine-tuned from it; write each to ``out/<regime>/``.
+
+    `regimes` picks a subset of the fine-tuned regimes (default: all of them); each regime has its
+    own random stream, so a subset is bitwise the same as those regimes in a full retrain.
+    Returns the dirs.
+    """
     import torch
 
     from waitlens.experiments.organism.model import build_model
@@ -162,8 +193,17 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
     rng = _rng(seed, 1)
     t0 = time.time()
     base_batches = (collate(make_corpus(BASE_CORPUS, config.base_batch, rng)) for _ in range(config.base_steps))
+    stop, probe = None, None
+    if config.base_stop_slip is not None:
+        probe = slip_probe_batch(seed)
+
+        def stop(m) -> bool:
+            return base_slip(m, probe) <= config.base_stop_slip
     stats["base"] = train_steps(model, base_batches, total=config.base_steps, lr=config.base_lr, warmup=config.warmup,
-                                desc="organism base", progress=progress)
+                                desc="organism base", progress=progress, stop=stop,
+                                check_every=config.base_check_every)
+    if probe is not None:
+        stats["base"]["held_out_slip"] = round(base_slip(model, probe), 4)
     stats["base"]["seconds"] = round(time.time() - t0, 1)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     dirs = {"base": save_regime(model, out, "base", seed, config, stats["base"])}
@@ -175,6 +215,11 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
         "post-large-vigilant": (config.vigilant_post_traces, config.post_epochs, config.post_batch,
                                 config.post_lr, 5),
     }
+    if regimes is not None:
+        unknown = sorted(set(regimes) - set(plans) - {"base"})
+        if unknown:
+            raise ValueError(f"unknown organism regime(s) {', '.join(unknown)}; valid: {', '.join(plans)}")
+        plans = {r: v for r, v in plans.items() if r in regimes}
     for regime, (n, epochs, batch, lr, stream) in plans.items():
         model.load_state_dict(base_state)
         rng = _rng(seed, stream)
@@ -185,8 +230,31 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
                                     warmup=min(config.warmup, 20), desc=f"organism {regime}", progress=progress)
         stats[regime].update(traces=n, epochs=epochs, seconds=round(time.time() - t0, 1))
         dirs[regime] = save_regime(model, out, regime, seed, config, stats[regime])
-    log(f"trained {', '.join(REGIMES)} in {time.time() - t_all:.0f} s -> {out}")
+    log(f"trained {', '.join(dirs)} in {time.time() - t_all:.0f} s -> {out}")
     return dirs
+
+
+def slip_probe_batch(seed: int, n: int = 256):
+    """Clean worked held-out problems (no slips, no discourse words) to measure a model's slip rate."""
+    import torch
+
+    rng = _rng(seed, 99)
+    x, y = collate(make_corpus(CorpusSpec("clean", slip=0.0), n, rng, split="eval"))
+    eq = torch.zeros_like(x, dtype=torch.bool)
+    eq[:, :-1] = (x[:, :-1] == TOKEN_ID["="]) & (y[:, 1:] != -100)  # "=" in the solution: the value follows
+    return x, eq
+
+
+def base_slip(model, probe) -> float:
+    """Held-out teacher-forced slip rate: 1 - mean P(the correct value) at each step's "="."""
+    import torch
+
+    x, eq = probe
+    with torch.no_grad():
+        prob = model(input_ids=x).logits.float().softmax(-1)
+    nxt = x[:, 1:][eq[:, :-1]]
+    p = prob[:, :-1][eq[:, :-1]].gather(-1, nxt[:, None])[:, 0]
+    return float(1.0 - p.mean())
 
 
 def corpus_of(regime: str) -> CorpusSpec:
