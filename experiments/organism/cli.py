@@ -25,6 +25,11 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0: the shipped weights)")
     t.add_argument("--out", default=None, help="output directory (default: the shipped weights dir)")
     t.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (for CI)")
+    t.add_argument("--recipe", default="default", choices=["default", "paced"],
+                   help="default: the shipped recipe (base trained a fixed 450 steps); paced: the base stopped at "
+                        "a fixed held-out slip level (0.30 per step) instead (opt-in; never the shipped weights)")
+    t.add_argument("--regimes", nargs="+", default=None, metavar="REGIME",
+                   help="train only these fine-tuned regimes (the base always); bitwise the same as in a full run")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     t.set_defaults(handler=cmd_train)
 
@@ -73,15 +78,20 @@ def _model_args(p, nargs=None, n: int = 500, per_problem: bool = True) -> None:
 def cmd_train(args) -> int:
     from waitlens.experiments.organism.registry import WEIGHTS_DIR
     from waitlens.experiments.organism.train import (
+        RECIPES,
         SMOKE,
-        TrainConfig,
         train_all,
         write_shipped_manifest,
     )
 
     out = Path(args.out) if args.out else WEIGHTS_DIR
-    train_all(out, seed=args.seed, config=SMOKE if args.smoke else TrainConfig())
-    if out.resolve() == WEIGHTS_DIR.resolve() and not args.smoke:
+    shipped = out.resolve() == WEIGHTS_DIR.resolve()
+    if shipped and (args.recipe != "default" or args.regimes):
+        raise ValueError(f"--recipe {args.recipe} / --regimes would overwrite part of the shipped weights "
+                         f"at {WEIGHTS_DIR}: pass --out DIR")
+    train_all(out, seed=args.seed, config=SMOKE if args.smoke else RECIPES[args.recipe],
+              regimes=tuple(args.regimes) if args.regimes else None)
+    if shipped and not args.smoke:
         write_shipped_manifest(WEIGHTS_DIR, WEIGHTS_DIR.parent / "shipped.json")
     return 0
 

@@ -182,6 +182,9 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
 
     from waitlens.experiments.organism.model import build_model
 
+    if regimes is not None and set(regimes) - set(REGIMES):
+        raise ValueError(f"unknown organism regime(s) {', '.join(sorted(set(regimes) - set(REGIMES)))}; "
+                         f"valid: {', '.join(REGIMES[1:])}")
     torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # denormals make CPU training 10x slower
     out = Path(out)
@@ -216,9 +219,6 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
                                 config.post_lr, 5),
     }
     if regimes is not None:
-        unknown = sorted(set(regimes) - set(plans) - {"base"})
-        if unknown:
-            raise ValueError(f"unknown organism regime(s) {', '.join(unknown)}; valid: {', '.join(plans)}")
         plans = {r: v for r, v in plans.items() if r in regimes}
     for regime, (n, epochs, batch, lr, stream) in plans.items():
         model.load_state_dict(base_state)
