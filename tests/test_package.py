@@ -1,0 +1,37 @@
+"""The install: one import package, `waitlens`, whatever else is in site-packages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import waitlens
+
+
+def test_every_notebook_verb_resolves():
+    for name in waitlens.__all__:
+        assert getattr(waitlens, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        waitlens.nope  # noqa: B018
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_top_level_package(tmp_path):
+    """Generic names (traces, hooks, probes, experiments are all taken on PyPI) stay inside
+    `waitlens`: the wheel's top level is `waitlens` alone, with the organism and configs as data."""
+    root = waitlens.__file__.rsplit("/waitlens/", 1)[0]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(tmp_path), root], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("waitlens-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"waitlens", wheel.name.split("-py3")[0] + ".dist-info"}
+    for path in ("waitlens/traces/formats.py", "waitlens/hooks/models.py", "waitlens/probes/linear.py",
+                 "waitlens/experiments/cli.py", "waitlens/experiments/configs/organism.toml",
+                 "waitlens/experiments/organism/weights/post-large/model.safetensors"):
+        assert path in names, path
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "waitlens = waitlens.experiments.cli:main" in entry
+    assert "organism = waitlens.experiments.organism.registry:resolve" in entry
