@@ -87,6 +87,14 @@ def _setup(r: _Report, manifest: dict) -> None:
             for k, v in cfg.get("models", {}).items()]
     if rows:
         r.table(pd.DataFrame(rows))
+    replicas = {k: f for k, f in manifest.get("models", {}).items()
+                if f.get("path") and (Path(f["path"]) / "waitlens_replica.json").is_file()}
+    if replicas:
+        of = {k: json.loads((Path(f["path"]) / "waitlens_replica.json").read_text()).get("replica_of")
+              for k, f in replicas.items()}
+        r.add("**These models are replicas** (`waitlens replica`): " + ", ".join(f"{k} = {v}" for k, v in of.items())
+              + " — the real tokenizer, special tokens, chat template and prompt format around small random "
+              "weights. The numbers test the pipeline, not the models.", "")
     t = cfg.get("trajectories", {})
     r.add(f"Seed {cfg.get('seed')}; trajectories: {t.get('source')} ({t.get('problems')}), "
           f"{t.get('n_problems')} problems x {t.get('n_per_problem')} per model, temperature {t.get('temperature')}; "
@@ -268,7 +276,7 @@ def _patching(r: _Report, cfg: dict) -> None:
         r.add("Sampled: after each wait that follows a slip, the patched target decodes greedily; the rate at "
               "which it writes the corrected value (patches at the wait and before it):", "")
         r.table(pd.DataFrame(rows))
-    for m in ("correction", "gold_prob", "kl"):
+    for m in ("correction", "gold_prob", "kl", "forced_answer", "next_token_kl", "recheck"):
         r.figure("patching", f"patch_heatmap_{m}.png", f"Patch effect on {m} (layer x position relative to the wait), per direction.")
     if (d / "attribution.csv").is_file():
         a = pd.read_csv(d / "attribution.csv")

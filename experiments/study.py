@@ -291,6 +291,8 @@ def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
     # slip (the cases the correction metric reads), take those first, then cap.
     trajs = [t for t in own_trajectories(ctx, p.target) if _has_word(t, "wait")]
     trajs = sorted(trajs, key=lambda t: not _wait_after_slip(t))[: p.max_trajectories]
+    if not trajs:
+        raise StageSkipped(f"no trajectory of {p.target!r} has a 'wait' to patch at")
     lo, hi = p.window
     return patch_to_dir(ctx.model(p.source), ctx.model(p.target), trajs, out, layers=p.layers,
                         window=f"{lo}:{hi}", metrics=p.metrics, both_directions=p.both_directions,
@@ -314,8 +316,13 @@ def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     a = ctx.cfg.ablations
     trajs = own_trajectories(ctx, a.model)[: a.max_trajectories]
-    summary = ablate_to_dir(ctx.model(a.model), trajs, out, kinds=a.kinds, n_boot=ctx.cfg.tokens.n_boot,
-                            seed=ctx.cfg.seed, progress=not ctx.quiet, model_name=a.model)
+    try:
+        summary = ablate_to_dir(ctx.model(a.model), trajs, out, kinds=a.kinds, n_boot=ctx.cfg.tokens.n_boot,
+                                seed=ctx.cfg.seed, progress=not ctx.quiet, model_name=a.model)
+    except ValueError as e:
+        if "applies to any" not in str(e):
+            raise
+        raise StageSkipped(str(e)) from None
     return {"rows": len(summary)}
 
 

@@ -303,7 +303,9 @@ def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, c
                       "label and are left out", stacklevel=3)
     rows = np.flatnonzero(is_word.to_numpy() & graded)
     if len(rows) == 0:
-        raise ValueError(f"no graded positions of word {word!r}; the metadata holds words "
+        from waitlens.probes.stats import InsufficientDataError
+
+        raise InsufficientDataError(f"no graded positions of word {word!r}; the metadata holds words "
                          f"{sorted(set(wcol) - {CONTROL})}")
     wm = meta.iloc[rows].reset_index(drop=True)
     y = y_all[rows]

@@ -233,3 +233,39 @@ def test_tokenizer_dir_without_vocabulary(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("waitlens replica: error:") and "\n" not in err
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
+
+
+# -- the dry run --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_dry_run_config_swaps_models_and_caps_work():
+    needs_realdata()
+    from waitlens.experiments.analyses.replica import dry_run_config
+    from waitlens.experiments.config import load_config
+    from waitlens.hooks.replica import replica_info
+
+    cfg = load_config("s1-vs-r1-1.5b.toml")
+    dry = dry_run_config(cfg)
+    assert dry.name == "s1-vs-r1-1.5b-dry-run" and dry.device == "cpu"
+    for name, m in dry.models.items():
+        assert replica_info(m.spec)["replica_of"] == cfg.models[name].spec
+        assert m.format == cfg.models[name].format and m.dtype == "float32"
+    t = dry.trajectories
+    assert (t.problems, Path(t.path).name) == ("jsonl", "math500_test.jsonl")  # MATH-500 from realdata, no hub
+    assert t.n_problems <= 6 and t.max_new_tokens <= 48 and dry.patching.max_trajectories <= 4
+    assert cfg.name == "s1-vs-r1-1.5b" and cfg.models["sft"].spec == S1  # the original is untouched
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_gpu_config_runs_end_to_end(tmp_path):
+    """#13 item 3: `waitlens run s1-vs-r1-1.5b.toml --dry-run` completes on a CPU."""
+    needs_realdata()
+    from waitlens.experiments.cli import main
+
+    rc = main(["run", "s1-vs-r1-1.5b.toml", "--dry-run", "--runs", str(tmp_path), "--quiet"])
+    assert rc == 0
+    run = tmp_path / "s1-vs-r1-1.5b-dry-run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"trajectories", "positions", "capture", "tokens", "answers", "probes",
+                                       "patching", "ablations", "report"}
+    assert all(s["status"] in ("done", "skipped") for s in manifest["stages"].values())
+    assert "These models are replicas" in (run / "report" / "report.md").read_text()

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="append", default=None, metavar="STAGE",
                    help="rerun this stage and every stage that depends on it (repeatable)")
     p.add_argument("--figures", default=None, metavar="DIR", help="also copy the figures here (make demo: figures/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="swap each model for its replica (small random weights, the real tokenizer and template) "
+                   "and cap the work: check a GPU config end to end on a CPU (run name <name>-dry-run)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(handler=run)
@@ -36,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from waitlens.experiments.study import study_stages
 
     cfg = load_config(args.config)
+    if args.dry_run:
+        from waitlens.experiments.analyses.replica import dry_run_config
+
+        cfg = dry_run_config(cfg)
     run_dir = run_study(cfg, study_stages(), runs_root=args.runs, only=args.only, force=args.force, quiet=args.quiet)
     manifest = read_manifest(run_dir)
     times = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in manifest.get("stages", {}).items())
