@@ -83,8 +83,9 @@ def _user_error(e: BaseException) -> bool:
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         root = Path(__file__).resolve().parents[1]  # the folder holding traces/ hooks/ probes/ experiments/
-        return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(root) \
-            and ".venv" not in Path(tb.tb_frame.f_code.co_filename).parts
+        where = Path(tb.tb_frame.f_code.co_filename).resolve() if tb is not None else None
+        return where is not None and where.is_relative_to(root) and \
+            where.relative_to(root).parts[0] in ("traces", "hooks", "probes", "experiments", "waitlens")
     return False
 
 

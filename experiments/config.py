@@ -273,7 +273,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "capture.hook": ("resid_post", "resid_pre"),
     "capture.anchor": ("first", "last", "both"),
     "capture.storage_dtype": ("float32", "float16", "bfloat16"),
-    "patching.metrics": ("kl", "correction", "gold_prob"),
     "ablations.kinds": ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps"),
     "stages": STAGES,
     "models.*.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),

@@ -147,8 +147,8 @@ def _run_dir(cfg: StudyConfig, runs_root: str | Path) -> Path:
     run_dir = Path(runs_root) / cfg.name
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir} exists and is not a directory")
-    if run_dir.is_dir() and not (run_dir / MANIFEST).is_file():
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+    if run_dir.is_dir() and not (run_dir / MANIFEST).is_file() and not (run_dir / LOCK).is_file():
+        foreign = sorted(p.name for p in run_dir.iterdir())  # a run writes its lock first, then all else
         if foreign:
             raise RunError(
                 f"{run_dir} exists and is not a waitlens run directory (no {MANIFEST}; it holds "
@@ -271,6 +271,7 @@ def _run_locked(cfg, stages, run_dir: Path, facts, only, force, quiet) -> Path:
     manifest["models"] = facts
     manifest["versions"] = versions()
     manifest.setdefault("stages", {})
+    write_json(run_dir / MANIFEST, manifest)
     ctx = RunContext(cfg, run_dir, facts, quiet)
 
     selected = [s for s in STAGES if s in cfg.stages and s in stages]

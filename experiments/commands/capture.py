@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from waitlens.traces import control_positions, find_positions, load_trajectories
 
     trajectories = load_trajectories(args.trajectories)
+    check_out_dir(args.out)  # before the model loads
     model = load_model(args.model, device=args.device, dtype=args.model_dtype, format=args.format)
     positions = find_positions(model, trajectories, args.words, anchor=args.anchor)
     if args.controls and len(positions):
@@ -56,3 +57,14 @@ def run(args: argparse.Namespace) -> int:
           f"{store.manifest['dtype']}) from {len(trajectories)} trajectories of {args.model} -> {store.path}"
           f"  words: {words}")
     return 0
+
+
+def check_out_dir(out) -> None:
+    """An --out that can never be a directory (it, or a folder above it, is a file) fails now."""
+    from pathlib import Path
+
+    p = Path(out).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(p))
