@@ -171,11 +171,13 @@ def _epochs(data, epochs: int, batch: int, rng: np.random.Generator):
 
 
 def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig = TrainConfig(),
-              progress: bool = True, log=print, regimes: tuple[str, ...] | None = None) -> dict[str, Path]:
+              progress: bool = True, log=print, regimes: tuple[str, ...] | None = None,
+              base_from: str | Path | None = None) -> dict[str, Path]:
     """Train the base and the regimes fine-tuned from it; write each to ``out/<regime>/``.
 
     `regimes` picks a subset of the fine-tuned regimes (default: all of them); each regime has its
     own random stream, so a subset is bitwise the same as those regimes in a full retrain.
+    `base_from`: a trained base directory to fine-tune instead of training a base (not rewritten).
     Returns the dirs.
     """
     import torch
@@ -191,25 +193,31 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
     t_all = time.time()
     stats: dict[str, dict] = {}
 
-    # base: fresh worked problems every step
-    model = build_model(seed, arch=config.arch)
-    rng = _rng(seed, 1)
-    t0 = time.time()
-    base_batches = (collate(make_corpus(BASE_CORPUS, config.base_batch, rng)) for _ in range(config.base_steps))
-    stop, probe = None, None
-    if config.base_stop_slip is not None:
-        probe = slip_probe_batch(seed)
+    if base_from is not None:  # fine-tune an existing base (e.g. the shipped one) on this seed's streams
+        from transformers import AutoModelForCausalLM
 
-        def stop(m) -> bool:
-            return base_slip(m, probe) <= config.base_stop_slip
-    stats["base"] = train_steps(model, base_batches, total=config.base_steps, lr=config.base_lr, warmup=config.warmup,
-                                desc="organism base", progress=progress, stop=stop,
-                                check_every=config.base_check_every)
-    if probe is not None:
-        stats["base"]["held_out_slip"] = round(base_slip(model, probe), 4)
-    stats["base"]["seconds"] = round(time.time() - t0, 1)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    dirs = {"base": save_regime(model, out, "base", seed, config, stats["base"])}
+        model = AutoModelForCausalLM.from_pretrained(base_from, dtype=torch.float32).eval()
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        dirs = {"base": Path(base_from)}
+    else:  # base: fresh worked problems every step
+        model = build_model(seed, arch=config.arch)
+        rng = _rng(seed, 1)
+        t0 = time.time()
+        base_batches = (collate(make_corpus(BASE_CORPUS, config.base_batch, rng)) for _ in range(config.base_steps))
+        stop, probe = None, None
+        if config.base_stop_slip is not None:
+            probe = slip_probe_batch(seed)
+
+            def stop(m) -> bool:
+                return base_slip(m, probe) <= config.base_stop_slip
+        stats["base"] = train_steps(model, base_batches, total=config.base_steps, lr=config.base_lr, warmup=config.warmup,
+                                    desc="organism base", progress=progress, stop=stop,
+                                    check_every=config.base_check_every)
+        if probe is not None:
+            stats["base"]["held_out_slip"] = round(base_slip(model, probe), 4)
+        stats["base"]["seconds"] = round(time.time() - t0, 1)
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        dirs = {"base": save_regime(model, out, "base", seed, config, stats["base"])}
 
     plans = {
         "sft-1k": (config.sft_traces, config.sft_epochs, config.sft_batch, config.sft_lr, 2),
