@@ -210,7 +210,7 @@ class Budget:
 def close_marker(fmt: PromptFormat) -> str:
     """The text whose appearance means the model closed its reasoning: the format's
     `think_close` when it is distinctive (``</think>``, ``<|im_start|>answer``), else the whole
-    forcing suffix (the organism's " ; " also separates steps; "; A" does not)."""
+    forcing suffix (a short close such as " ; " may also separate steps; "; A" does not)."""
     close = fmt.think_close.strip()
     return close if len(close) >= 3 else fmt.forcing_suffix.strip()
 

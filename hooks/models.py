@@ -1,5 +1,5 @@
-"""Loading any model — hub id, local HF directory, GGUF file, or a named family such as the
-organism — into one object, `LoadedModel`.
+"""Loading any model — hub id, local HF directory, GGUF file, or a named family registered by a
+plugin — into one object, `LoadedModel`.
 
 Two views of the same weights:
 
@@ -10,7 +10,7 @@ Two views of the same weights:
   copy of the weights (the bridge rewires the modules it wraps in place and forces eager
   attention). Use it for anything TransformerLens offers; tests check that both views agree.
 
-Named families (``"organism:sft-1k"``) are resolved through the ``waitlens.models``
+Named families (``"family:variant"``) are resolved through the ``waitlens.models``
 entry-point group, so this layer never imports experiments/.
 """
 
@@ -200,7 +200,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM from a spec.
 
-    spec: ``family:variant`` (e.g. ``organism:post-large``, resolved by a plugin), ``smollm2``
+    spec: ``family:variant`` (resolved by a plugin of the ``waitlens.models`` group), ``smollm2``
     (the offline GGUF), a path to a ``.gguf`` file, a local HF directory, or a hub id
     (``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``; needs the internet).
     format: the prompt format (preset name, dict or PromptFormat); default: the directory's
@@ -279,7 +279,7 @@ def load_tokenizer(path: Path):
     """The tokenizer saved in a local directory.
 
     A generic fast tokenizer (saved as ``TokenizersBackend``/``PreTrainedTokenizerFast``, e.g.
-    the organism's word-level one) is loaded from its tokenizer.json as is: AutoTokenizer would
+    a word-level one) is loaded from its tokenizer.json as is: AutoTokenizer would
     instead rebuild the model type's own tokenizer (a Qwen2 BPE for ``model_type: qwen2``) from
     the vocabulary, silently dropping every multi-letter word.
     """

@@ -263,3 +263,51 @@ def test_metric_functions_and_bad_names(pair):
     assert set(res.table["metric"]) == {"top"} and res.table["patched"].notna().all()
     with pytest.raises(MetricError, match="unknown metric 'correctoin'"):
         patch(b, a, trajs(1), metrics=["correctoin"])
+
+
+# numbers the organism gave before patching metrics became functions (sums over two trajectories)
+ORGANISM_BEFORE = {
+    "clean": {"correction": 6.368038095533848, "gold_prob": 0.242714062333107, "kl": 0.0},
+    "patched": {"correction": 6.409863067790866, "gold_prob": 0.24316620569152292, "kl": 1.9018092343046646},
+    "attribution": {"correction": -0.9090218220605948, "gold_prob": 0.0004941356546730447},
+}
+ABLATION_BEFORE = {("delete-steps", "gold_prob"): -0.00010579204899840988, ("delete-steps", "kl"): 6.422736644744873,
+                   ("remove-wait", "correction"): 1.0758505761623383, ("remove-wait", "kl"): 4.4339600801467896,
+                   ("replace-wait", "correction"): -0.28388059325516224, ("replace-wait", "kl"): 8.250460624694824,
+                   ("shuffle-steps", "gold_prob"): 0.9988994475370419}
+
+
+@pytest.mark.slow
+def test_organism_numbers_unchanged_and_hooks_know_no_organism():
+    """#13 item 5: the organism's patching and ablation numbers are those of before the move of its
+    metrics to experiments/organism/metrics.py, and hooks/ holds none of its grammar."""
+    import re
+    from pathlib import Path
+
+    from waitlens.experiments.analyses.patch import ablation_options
+    from waitlens.experiments.organism.sample import sample
+    from waitlens.hooks.ablations import ablate
+
+    sft, post = load_model("organism:sft-1k", device="cpu"), load_model("organism:post-large", device="cpu")
+    ts = sample(sft, 40, seed=1, progress=False)
+    ts = [t for t in ts if " wait " in f" {t.reasoning} "]
+    ts = sorted(ts, key=lambda t: not any(w.get("after_slip") for w in t.extra["truth"]["waits"]))[:2]
+    res = quiet(patch, post, sft, ts, layers="all", window="-2:4", metrics=org_metrics(["kl", "gold_prob", "correction"]),
+                attribution=True)
+    g = res.table.groupby("metric")[["clean", "patched", "attribution"]].sum()
+    for col, want in ORGANISM_BEFORE.items():
+        for m, v in want.items():
+            assert g.loc[m, col] == pytest.approx(v, rel=1e-9, abs=1e-12), (col, m)
+    seps, pick, readouts = ablation_options(post)
+    for kind in ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps"):
+        t, _ = quiet(ablate, post, ts, kind, separators=seps, pick_wait=pick, readouts=readouts)
+        for (k, m), v in ABLATION_BEFORE.items():
+            if k == kind:
+                assert t.loc[t["metric"] == m, "effect"].sum() == pytest.approx(v, rel=1e-9, abs=1e-12), (k, m)
+    hooks_dir = Path(__file__).resolve().parents[1] / "hooks"
+    grammar = re.compile(r"""["']organism["']|ORGANISM|extra\.get\(["']truth|extra\[["']truth|w \+ 5|after_slip""")
+    for f in sorted(hooks_dir.glob("*.py")):
+        assert not grammar.search(f.read_text()), f"{f.name} holds the organism's grammar"
+    for name in ("patching.py", "patch_cases.py", "patch_metrics.py", "sampled.py", "ablations.py", "attribution.py",
+                 "alignment.py", "replica.py", "models.py", "generate.py"):
+        assert "organism" not in (hooks_dir / name).read_text().lower(), name
