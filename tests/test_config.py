@@ -67,3 +67,22 @@ def test_window_value_may_start_with_a_minus():
     assert join_negative_values(argv)[-1] == "--window=-2:4"
     assert build_parser().parse_args(join_negative_values(argv)).window == "-2:4"
     assert join_negative_values(["--window=-1:1", "--seed", "-3"]) == ["--window=-1:1", "--seed", "-3"]
+
+
+def test_value_types_come_from_the_annotations():
+    """A key someone adds is type-checked from its dataclass annotation alone (table-driven)."""
+    from waitlens.experiments.config import _type_problem
+
+    assert _type_problem(True, bool) is None and _type_problem("false", bool) == "true or false"
+    assert _type_problem(True, int) == "an integer" and _type_problem(3, float) is None
+    assert _type_problem("wait", list[str]) == "a list of strings" and _type_problem(["wait"], list[str]) is None
+    assert _type_problem([0, "1"], list[int]) == "a list of integers"
+    assert _type_problem("all", str | list[int]) is None and _type_problem([0, 2], str | list[int]) is None
+    assert _type_problem(None, str | None) is None and _type_problem(3, str | dict | None) == "a string or a table"
+
+
+def test_every_shipped_config_passes_the_value_checks():
+    from waitlens.experiments.config import CONFIG_DIR, load_config
+
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        assert load_config(path).name
