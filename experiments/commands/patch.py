@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from waitlens.experiments.cli import positive_int
+
 
 def _common(p) -> None:
     p.add_argument("--trajectories", required=True, help="trajectories JSONL file")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N trajectories")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N trajectories")
     p.add_argument("--word", default="wait", help="the discourse word (default: wait)")
     p.add_argument("--kl-positions", type=int, default=8, help="positions the KL is averaged over")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--model-dtype", default="auto", help="default: fp32 on CPU, bf16 on GPU")

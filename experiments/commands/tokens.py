@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from waitlens.experiments.cli import positive_int
+
 
 def _common(p) -> None:
     p.add_argument("--model", action="append", required=True, metavar="SPEC",
@@ -30,8 +32,8 @@ def _common(p) -> None:
     p.add_argument("--format", default=None, help="prompt format preset for every model (default: the model's)")
     p.add_argument("--lexicon", default=None, help="comma-separated discourse words (default: built-in)")
     p.add_argument("--word", default="wait", help="the discourse word studied (default wait)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N trajectories per model")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of problems (default 1000)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N trajectories per model")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of problems (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -41,16 +43,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("tokens", help="token–correctness association and the wait distribution",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
-    p.add_argument("--min-count", type=int, default=5, help="test only keys with this many occurrences (default 5)")
-    p.add_argument("--top", type=int, default=15, help="keys per model in the figure and markdown (default 15)")
+    p.add_argument("--min-count", type=positive_int, default=5, help="test only keys with this many occurrences (default 5)")
+    p.add_argument("--top", type=positive_int, default=15, help="keys per model in the figure and markdown (default 15)")
     p.set_defaults(handler=run_tokens)
 
     a = subparsers.add_parser("answers", help="forced-answer curves, answer transitions, wait alignment",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(a)
     a.add_argument("--suffix", default=None, help="answer-forcing suffix (default: the model format's)")
-    a.add_argument("-k", "--k", type=int, default=8, help="window in tokens around waits/controls (default 8)")
-    a.add_argument("--every", type=int, default=4, help="also a prefix every N reasoning tokens (default 4)")
+    a.add_argument("-k", "--k", type=positive_int, default=8, help="window in tokens around waits/controls (default 8)")
+    a.add_argument("--every", type=positive_int, default=4, help="also a prefix every N reasoning tokens (default 4)")
     a.add_argument("--delta", type=float, default=0.3, help="gold-probability jump that counts as a transition")
     a.add_argument("--min-confidence", type=float, default=0.5,
                    help="a transition is high-confidence when the new answer's probability is at least this")
