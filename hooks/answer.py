@@ -41,6 +41,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from waitlens.hooks.batching import MAX_BATCH_TOKENS, check_padding, length_batches, pad_batch
+from waitlens.hooks.logprobs import row_logprobs
 from waitlens.traces.formats import Rendered, tokenize_with_offsets
 from waitlens.traces.grading import normalize_answer
 from waitlens.traces.trajectory import Trajectory
@@ -124,93 +126,166 @@ def choose_prefixes(
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    """One trajectory's forced-answer job: its rendered ids, sorted prefix ends, suffix tokens."""
+
+    ids: list[int]
+    prefixes: list[int]
+    st: SuffixTokens
+    cap: int  # greedy answer length cap
+
+    @property
+    def r(self) -> int:
+        # Rows that predict the scored tokens come from the forcing tokens; only when there are
+        # none is the prefix's last token re-fed (r = 1) so that its logits come out of the branch.
+        return 0 if self.st.forcing else 1
+
+    @property
+    def base_len(self) -> int:  # cached context: every branch sees a prefix of it (at least 1 column)
+        return max(max(self.prefixes) - self.r, 1)
+
+    def scored(self, include_close: bool) -> list[int]:
+        return self.st.answer + (self.st.close if include_close else [])
+
+    def cost(self, include_close: bool) -> int:  # padded tokens this item adds to a batch
+        width = self.r + len(self.st.forcing) + len(self.scored(include_close)) - 1
+        return self.base_len + width * len(self.prefixes)
+
+
 def _neg(dtype) -> float:
     return torch.finfo(dtype).min
 
 
-@torch.no_grad()
-def _branch_step(hf, cache, n_cached: int, tokens: list[int], positions: list[int],
-                 visible: list[np.ndarray]) -> Float[Tensor, "q vocab"]:
-    """Run `tokens` as new cache entries n_cached.. with explicit visibility; return log-probs.
-
-    visible[i]: the key columns (over cache + these tokens) query i may attend to.
-    """
-    dev = next(hf.parameters()).device
-    dtype = next(hf.parameters()).dtype
-    q = len(tokens)
-    allow = torch.zeros(q, n_cached + q, dtype=torch.bool)
-    for i, cols in enumerate(visible):
-        allow[i, torch.as_tensor(cols, dtype=torch.long)] = True
-    mask = torch.full((q, n_cached + q), _neg(dtype), dtype=dtype)
+def _mask(visible: list[list[np.ndarray]], q: int, width: int, dtype) -> Float[Tensor, "batch 1 q width"]:
+    """[batch, 1, q, width] additive mask: 0 where query i of batch row b may attend, else -inf.
+    A query with nothing listed (padding) attends to nothing it could be hurt by: the caller
+    lists its own column, so no row is fully masked (no NaN in the cache)."""
+    allow = torch.zeros(len(visible), q, width, dtype=torch.bool)
+    for b, rows in enumerate(visible):
+        for i, cols in enumerate(rows):
+            allow[b, i, torch.as_tensor(cols, dtype=torch.long)] = True
+    mask = torch.full((len(visible), q, width), _neg(dtype), dtype=dtype)
     mask.masked_fill_(allow, 0.0)
-    out = hf(
-        input_ids=torch.tensor([tokens], device=dev),
-        position_ids=torch.tensor([positions], device=dev),
-        attention_mask=mask[None, None].to(dev),
-        cache_position=torch.arange(n_cached, n_cached + q, device=dev),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return torch.log_softmax(out.logits[0].float(), dim=-1)
+    return mask[:, None]
 
 
 @torch.no_grad()
-def _branching(model, ids: list[int], prefixes: Sequence[int], st: SuffixTokens,
-               include_close: bool, max_answer_tokens: int):
+def _step(model, cache, n_cached: int, queries: list[list[tuple[int, int, np.ndarray]]],
+          pad_id: int) -> tuple[Float[Tensor, "rows d_model"], list[list[int]]]:
+    """Run each batch row's queries (token, rope position, visible columns over cache + this
+    step) as new cache columns n_cached..n_cached+q-1, padded to the longest row.
+
+    Returns the final hidden states [batch * q, d_model] and, per row, the flat row number of
+    each of its queries."""
+    dev, dtype = model.device, model.dtype
+    q = max(max(len(r) for r in queries), 1)
+    toks = torch.full((len(queries), q), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(queries), q), dtype=torch.long)
+    vis: list[list[np.ndarray]] = []
+    flat = []
+    for b, rows in enumerate(queries):
+        vis.append([])
+        flat.append([])
+        for i in range(q):
+            if i < len(rows):
+                t, p, cols = rows[i]
+                toks[b, i], pos[b, i] = t, p
+                vis[b].append(cols)
+                flat[b].append(b * q + i)
+            else:  # padding: sees only itself
+                vis[b].append(np.array([n_cached + i]))
+    mask = _mask(vis, q, n_cached + q, dtype)
+    hidden = model.hf.base_model(input_ids=toks.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev),
+                                 cache=cache, use_cache=True).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]), flat
+
+
+@torch.no_grad()
+def _branching_batch(model, items: Sequence[_Item], include_close: bool, padding: str = "right"):
+    """Forced-answer scores of several trajectories in one batch: one padded cached pass over
+    their contexts, then every branch of every trajectory in one step (and one per greedy step).
+
+    Returns, per item, (gold log-probs per prefix, greedy [(token, logprob), ...] per prefix)."""
     from transformers import DynamicCache
 
-    hf = model.hf
-    dev = model.device
-    scored = st.answer + (st.close if include_close else [])
-    f = len(st.forcing)
-    # Rows that predict the scored tokens come from the forcing tokens; only when there are none
-    # is the prefix's last token re-fed (r = 1) so that its logits come out of the branch pass.
-    r = 0 if f else 1
-    base_len = max(prefixes) - r
-    cache = DynamicCache(config=hf.config)
-    if base_len > 0:
-        hf(input_ids=torch.tensor([ids[:base_len]], device=dev), past_key_values=cache,
-           use_cache=True, logits_to_keep=1)
-    tokens, positions, visible, starts = [], [], [], []
-    n = base_len
-    for p in prefixes:
-        branch = ids[p - r:p] + st.forcing + scored[:-1]
-        start = n + len(tokens)
-        starts.append(start)
-        for i, t in enumerate(branch):
-            tokens.append(t)
-            positions.append(p - r + i)
-            visible.append(np.concatenate([np.arange(p - r), np.arange(start, start + i + 1)]))
-    lp = _branch_step(hf, cache, n, tokens, positions, visible)
-    n += len(tokens)
-    width = r + f + len(scored) - 1
-    first = r + f - 1  # the row predicting the first answer token
-    gold = np.zeros(len(prefixes))
-    greedy: list[list[tuple[int, float]]] = [[] for _ in prefixes]
-    for j in range(len(prefixes)):
-        rows = lp[j * width: (j + 1) * width]
-        gold[j] = float(sum(rows[first + i, t] for i, t in enumerate(scored)))
-        g = int(rows[first].argmax())
-        greedy[j].append((g, float(rows[first, g])))
+    check_padding(padding)
+    pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
+    dtype = model.dtype
+    base = pad_batch([it.ids[: it.base_len] for it in items], padding, pad_id, "cpu")
+    T = base.input_ids.shape[1]
+    # the cached pass, with its own 4-D mask: causal over each row's real tokens; a pad sees itself
+    real = (base.attention_mask if base.attention_mask is not None else torch.ones_like(base.input_ids)).bool()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allow = causal[None] & real[:, None, :]
+    allow |= torch.eye(T, dtype=torch.bool)[None]
+    mask = torch.full(allow.shape, _neg(dtype), dtype=dtype).masked_fill_(allow, 0.0)[:, None]
+    cache = DynamicCache(config=model.hf.config)
+    model.hf.base_model(input_ids=base.input_ids.to(model.device), position_ids=base.position_ids.to(model.device),
+                        attention_mask=mask.to(model.device), cache=cache, use_cache=True)
+    n = T
+    queries, starts = [], []
+    for b, it in enumerate(items):
+        o, r = base.offsets[b], it.r
+        scored = it.scored(include_close)
+        rows, st_b = [], []
+        for p in it.prefixes:
+            branch = it.ids[p - r:p] + it.st.forcing + scored[:-1]
+            start = n + len(rows)
+            st_b.append(start)
+            for i, t in enumerate(branch):
+                rows.append((t, p - r + i, np.concatenate([o + np.arange(p - r), np.arange(start, start + i + 1)])))
+        queries.append(rows)
+        starts.append(st_b)
+    hidden, flat = _step(model, cache, n, queries, pad_id)
+    n += max(max(len(r) for r in queries), 1)
+    # log-probs only at the rows that predict scored tokens
+    need, where = [], []
+    for b, it in enumerate(items):
+        scored = it.scored(include_close)
+        f, r = len(it.st.forcing), it.r
+        width = r + f + len(scored) - 1
+        first = r + f - 1  # the row predicting the first answer token
+        for j in range(len(it.prefixes)):
+            where.append((b, j, len(need)))
+            need += [flat[b][j * width + first + i] for i in range(len(scored))]
+    lp = row_logprobs(model, hidden.index_select(0, torch.tensor(need, device=hidden.device)))
+    gold = [np.zeros(len(it.prefixes)) for it in items]
+    greedy: list[list[list[tuple[int, float]]]] = [[[] for _ in it.prefixes] for it in items]
+    for b, j, k in where:
+        scored = items[b].scored(include_close)
+        gold[b][j] = float(sum(lp[k + i, t] for i, t in enumerate(scored)))
+        g = int(lp[k].argmax())
+        greedy[b][j].append((g, float(lp[k, g])))
     # further greedy steps: each active branch feeds its last greedy token
-    own = [np.concatenate([np.arange(p - r), np.arange(s, s + r + f)]) for p, s in zip(prefixes, starts, strict=True)]
-    fed: list[list[int]] = [[] for _ in prefixes]
-    for step in range(1, max_answer_tokens):
-        active = [j for j in range(len(prefixes)) if greedy[j][-1][0] not in st.stop and len(greedy[j]) == step]
-        if not active:
+    own = [[np.concatenate([base.offsets[b] + np.arange(p - it.r), np.arange(s, s + it.r + len(it.st.forcing))])
+            for p, s in zip(it.prefixes, starts[b], strict=True)] for b, it in enumerate(items)]
+    fed: list[list[list[int]]] = [[[] for _ in it.prefixes] for it in items]
+    for step in range(1, max(it.cap for it in items)):
+        active = [[j for j in range(len(it.prefixes)) if step < it.cap and len(greedy[b][j]) == step
+                   and greedy[b][j][-1][0] not in it.st.stop] for b, it in enumerate(items)]
+        if not any(active):
             break
-        toks, pos, vis = [], [], []
-        for qi, j in enumerate(active):
-            toks.append(greedy[j][-1][0])
-            pos.append(prefixes[j] + f + step - 1)
-            vis.append(np.concatenate([own[j], np.asarray(fed[j], dtype=int), [n + qi]]))
-            fed[j].append(n + qi)
-        lp = _branch_step(hf, cache, n, toks, pos, vis)
-        n += len(toks)
-        for qi, j in enumerate(active):
-            g = int(lp[qi].argmax())
-            greedy[j].append((g, float(lp[qi, g])))
-    return gold, greedy
+        queries = []
+        for b, it in enumerate(items):
+            rows = []
+            for qi, j in enumerate(active[b]):
+                col = n + qi
+                rows.append((greedy[b][j][-1][0], it.prefixes[j] + len(it.st.forcing) + step - 1,
+                             np.concatenate([own[b][j], np.asarray(fed[b][j], dtype=int), [col]])))
+                fed[b][j].append(col)
+            queries.append(rows)
+        hidden, flat = _step(model, cache, n, queries, pad_id)
+        n += max(max(len(r) for r in queries), 1)
+        idx = [flat[b][qi] for b in range(len(items)) for qi in range(len(active[b]))]
+        lp = row_logprobs(model, hidden.index_select(0, torch.tensor(idx, device=hidden.device)))
+        k = 0
+        for b in range(len(items)):
+            for j in active[b]:
+                g = int(lp[k].argmax())
+                greedy[b][j].append((g, float(lp[k, g])))
+                k += 1
+    return list(zip(gold, greedy, strict=True))
 
 
 @torch.no_grad()
@@ -242,6 +317,49 @@ def _naive(model, ids: list[int], prefixes: Sequence[int], st: SuffixTokens,
     return gold, greedy
 
 
+def _prepare(model, trajectory: Trajectory, prefixes, suffix, answer, include_close, max_answer_tokens):
+    """Validated inputs of one trajectory: (_Item, rendered, gold text)."""
+    rd = model.render(trajectory, include_answer=False)
+    ids = rd.input_ids
+    t0, t1 = rd.reasoning_tokens
+    if prefixes is None:
+        prefixes = list(range(t0, t1 + 1))
+    prefixes = sorted({int(p) for p in prefixes})
+    if not prefixes:
+        raise ValueError(f"trajectory {trajectory.id!r}: no prefixes given")
+    bad = [p for p in prefixes if not (max(t0, 1) <= p <= t1)]
+    if bad:
+        raise ValueError(
+            f"trajectory {trajectory.id!r}: prefix end(s) {bad[:5]} outside its reasoning tokens "
+            f"[{t0}, {t1}] (prefixes are absolute token counts)"
+        )
+    gold_text = trajectory.gold if answer is None else answer
+    st = suffix_tokens(model, gold_text, suffix)
+    cap = max_answer_tokens or len(st.answer)
+    model.check_length(max(prefixes) + len(st.forcing) + max(len(st.answer) + len(st.close), cap), trajectory.id)
+    return _Item(ids, prefixes, st, cap), rd, gold_text
+
+
+def _frame(model, trajectory: Trajectory, item: _Item, rd: Rendered, gold_text: str, suffix,
+           gold, greedy) -> pd.DataFrame:
+    st = item.st
+    t0, t1 = rd.reasoning_tokens
+    rows = []
+    n_reason = max(t1 - t0, 1)
+    for p, glp, gr in zip(item.prefixes, gold, greedy, strict=True):
+        toks = [t for t, _ in gr if t not in st.stop]
+        top_lp = float(sum(lp for t, lp in gr if t not in st.stop)) if toks else float(gr[0][1])
+        text = model.tokenizer.decode(toks).strip() if toks else ""
+        is_gold = toks == st.answer or (bool(text) and normalize_answer(text) == normalize_answer(gold_text))
+        rows.append({"prefix": p, "rel_prefix": p - t0, "frac": (p - t0) / n_reason,
+                     "gold_logprob": float(glp), "gold_prob": float(np.exp(glp)), "top_answer": text,
+                     "top_logprob": top_lp, "top_prob": float(np.exp(top_lp)), "top_is_gold": bool(is_gold)})
+    df = pd.DataFrame(rows, columns=CURVE_COLUMNS)
+    df.attrs.update({"trajectory_id": trajectory.id, "suffix": forcing_suffix(model, suffix),
+                     "n_answer_tokens": len(st.answer), "reasoning_tokens": (t0, t1)})
+    return df
+
+
 def answer_probabilities(
     model,
     trajectory: Trajectory,
@@ -266,40 +384,12 @@ def answer_probabilities(
     """
     if method not in ("branch", "naive"):
         raise ValueError(f"method must be 'branch' or 'naive', got {method!r}")
-    rd = model.render(trajectory, include_answer=False)
-    ids = rd.input_ids
-    t0, t1 = rd.reasoning_tokens
-    if prefixes is None:
-        prefixes = list(range(t0, t1 + 1))
-    prefixes = sorted({int(p) for p in prefixes})
-    if not prefixes:
-        raise ValueError(f"trajectory {trajectory.id!r}: no prefixes given")
-    bad = [p for p in prefixes if not (max(t0, 1) <= p <= t1)]
-    if bad:
-        raise ValueError(
-            f"trajectory {trajectory.id!r}: prefix end(s) {bad[:5]} outside its reasoning tokens "
-            f"[{t0}, {t1}] (prefixes are absolute token counts)"
-        )
-    gold_text = trajectory.gold if answer is None else answer
-    st = suffix_tokens(model, gold_text, suffix)
-    cap = max_answer_tokens or len(st.answer)
-    model.check_length(max(prefixes) + len(st.forcing) + max(len(st.answer) + len(st.close), cap), trajectory.id)
-    run = _branching if method == "branch" else _naive
-    gold, greedy = run(model, ids, prefixes, st, include_close, cap)
-    rows = []
-    n_reason = max(t1 - t0, 1)
-    for p, glp, gr in zip(prefixes, gold, greedy, strict=True):
-        toks = [t for t, _ in gr if t not in st.stop]
-        top_lp = float(sum(lp for t, lp in gr if t not in st.stop)) if toks else float(gr[0][1])
-        text = model.tokenizer.decode(toks).strip() if toks else ""
-        is_gold = toks == st.answer or (bool(text) and normalize_answer(text) == normalize_answer(gold_text))
-        rows.append({"prefix": p, "rel_prefix": p - t0, "frac": (p - t0) / n_reason,
-                     "gold_logprob": float(glp), "gold_prob": float(np.exp(glp)), "top_answer": text,
-                     "top_logprob": top_lp, "top_prob": float(np.exp(top_lp)), "top_is_gold": bool(is_gold)})
-    df = pd.DataFrame(rows, columns=CURVE_COLUMNS)
-    df.attrs.update({"trajectory_id": trajectory.id, "suffix": forcing_suffix(model, suffix),
-                     "n_answer_tokens": len(st.answer), "reasoning_tokens": (t0, t1)})
-    return df
+    item, rd, gold_text = _prepare(model, trajectory, prefixes, suffix, answer, include_close, max_answer_tokens)
+    if method == "branch":
+        gold, greedy = _branching_batch(model, [item], include_close)[0]
+    else:
+        gold, greedy = _naive(model, item.ids, item.prefixes, item.st, include_close, item.cap)
+    return _frame(model, trajectory, item, rd, gold_text, suffix, gold, greedy)
 
 
 def answer_curves(
@@ -313,25 +403,44 @@ def answer_curves(
     include_close: bool = False,
     max_answer_tokens: int | None = None,
     progress: bool = False,
+    batch_size: int = 16,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+    padding: str = "right",
 ) -> pd.DataFrame:
     """`answer_probabilities` for many trajectories, at prefixes from `choose_prefixes`.
 
     token_indices: trajectory id -> token positions to centre ±k windows on (discourse and
     control positions). Returns one long table with trajectory_id, problem_id, correct, gold.
+    Trajectories run `batch_size` at a time (grouped by size, at most `max_batch_tokens`
+    context + branch tokens per batch, `padding` "right" or "left"); the numbers equal
+    `answer_probabilities` one trajectory at a time within float tolerance.
     """
     forcing_suffix(model, suffix)  # fail before any forward pass
-    frames = []
-    it: Iterable = trajectories
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(trajectories, desc=f"answers {getattr(model, 'spec', '')}")
-    for traj in it:
+    check_padding(padding)
+    trajectories = list(trajectories)
+    jobs = []
+    for traj in trajectories:
         rd = model.render(traj, include_answer=False)
         pref = choose_prefixes(rd, (token_indices or {}).get(traj.id, ()), k=k, every=every)
         pref = [p for p in pref if p >= 1]
-        df = answer_probabilities(model, traj, pref, suffix, include_close=include_close,
-                                  max_answer_tokens=max_answer_tokens)
+        jobs.append(_prepare(model, traj, pref, suffix, None, include_close, max_answer_tokens))
+    results: list = [None] * len(jobs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"answers {getattr(model, 'spec', '')}", unit="traj")
+    for group in length_batches([j[0].cost(include_close) for j in jobs], batch_size, max_batch_tokens):
+        out = _branching_batch(model, [jobs[g][0] for g in group], include_close, padding)
+        for g, res in zip(group, out, strict=True):
+            results[g] = res
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    frames = []
+    for traj, (item, rd, gold_text), (gold, greedy) in zip(trajectories, jobs, results, strict=True):
+        df = _frame(model, traj, item, rd, gold_text, suffix, gold, greedy)
         df.insert(0, "trajectory_id", traj.id)
         df.insert(1, "problem_id", traj.problem_id)
         df.insert(2, "correct", traj.correct)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
 from waitlens.probes.stats import (
     InsufficientDataError,
@@ -90,7 +91,63 @@ def _check_classes(tf: pd.DataFrame, model: str) -> tuple[int, int]:
 
 
 def _auroc_stat(v: np.ndarray) -> float:
-    return mann_whitney_auroc(v[v[:, 1] == 1, 0], v[v[:, 1] == 0, 0])[0]
+    """AUROC of column 0 with column 1 as the label: `mann_whitney_auroc`'s statistic from ranks
+    directly, without its p-value (the cluster bootstraps call this thousands of times)."""
+    pos = v[:, 1] == 1
+    n1 = int(pos.sum())
+    n0 = len(v) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(v[:, 0])
+    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray | None:
+    """[n_boot, n] multiplicity of each row in each resample, from exactly the draws
+    `cluster_bootstrap` makes (so the CIs are its CIs); None for fewer than two groups."""
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    k = len(uniq)
+    if k < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.integers(0, k, k) for _ in range(n_boot)])
+    counts = np.bincount((picks + k * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * k)
+    return counts.reshape(n_boot, k)[:, inverse].astype(float)
+
+
+def _weighted_auroc(w: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUROC (ties count half) of `scores` under each row of weights `w` [n_boot, n]: what
+    `_auroc_stat` gives on the resampled rows, for every resample at once; NaN for one class."""
+    levels, lv = np.unique(scores, return_inverse=True)
+    onehot = np.zeros((len(scores), len(levels)))
+    onehot[np.arange(len(scores)), lv] = 1.0
+    pos = labels.astype(bool)
+    wp, wn = (w * pos) @ onehot, (w * ~pos) @ onehot  # weight of each class at each level
+    below = np.cumsum(wn, axis=1) - wn
+    den = wp.sum(1) * wn.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (wp * (below + 0.5 * wn)).sum(1) / den, np.nan)
+
+
+def _percentile_ci(boots: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    boots = boots[np.isfinite(boots)]
+    if not len(boots):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _auroc_ci(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_boot: int, seed: int):
+    """(lo, hi) of ``cluster_bootstrap(column_stack([scores, labels]), groups, _auroc_stat)``,
+    vectorised over resamples (falls back to the loop when the level table would be large)."""
+    scores, labels, groups = np.asarray(scores, float), np.asarray(labels, float), np.asarray(groups)
+    if len(np.unique(scores)) * len(scores) > 4_000_000:
+        return cluster_bootstrap(np.column_stack([scores, labels]), groups, _auroc_stat, n_boot=n_boot,
+                                 seed=seed)[1:]
+    w = _resample_weights(groups, n_boot, seed)
+    if w is None:
+        return float("nan"), float("nan")
+    return _percentile_ci(_weighted_auroc(w, scores, labels))
 
 
 def _mw(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
@@ -146,8 +203,7 @@ def token_table(
         pr = probs.loc[key].to_numpy(float)
         has = c > 0
         auc, p = _mw(c[y], c[~y])
-        _, lo, hi = cluster_bootstrap(np.column_stack([c, y.astype(float)]), groups, _auroc_stat,
-                                      n_boot=n_boot, seed=seed)
+        lo, hi = _auroc_ci(c, y, groups, n_boot, seed)
         pc, pi = pr[y & has], pr[~y & has]
         pauc, pp = _mw(pc, pi)
         note = []
@@ -218,7 +274,14 @@ def compare_regimes(
             def diff(a: np.ndarray) -> float:
                 return _auroc_stat(a[a[:, 2] == 1, :2]) - _auroc_stat(a[a[:, 2] == 0, :2])
 
-            est, lo, hi = cluster_bootstrap(v, g, diff, n_boot=n_boot, seed=seed)
+            est = diff(v)
+            w = _resample_weights(g, n_boot, seed)  # the draws cluster_bootstrap(v, g, diff) makes
+            if w is None:
+                lo = hi = float("nan")
+            else:
+                m0, m1 = v[:, 2] == 0, v[:, 2] == 1
+                lo, hi = _percentile_ci(_weighted_auroc(w[:, m1], v[m1, 0], v[m1, 1])
+                                        - _weighted_auroc(w[:, m0], v[m0, 0], v[m0, 1]))
             row[f"d_auroc_{m}"], row[f"d_auroc_{m}_lo"], row[f"d_auroc_{m}_hi"] = est, lo, hi
         out.append(row)
     df = pd.DataFrame(out)
@@ -257,7 +320,7 @@ def wait_summary(waits: pd.DataFrame, trajectories, *, model: str = "", n_boot: 
         est, lo, hi = cluster_bootstrap(n[sel], g[sel], np.mean, n_boot=n_boot, seed=seed)
         out[f"waits_per_traj_{name}"] = {"value": est, "lo": lo, "hi": hi}
     auc, p = _mw(n[y], n[~y])
-    _, lo, hi = cluster_bootstrap(np.column_stack([n, y.astype(float)]), g, _auroc_stat, n_boot=n_boot, seed=seed)
+    lo, hi = _auroc_ci(n, y, g, n_boot, seed)
     out["count_auroc"] = {"value": auc, "lo": lo, "hi": hi, "p": p}
     acc = {}
     for label, sel in (("0", n == 0), ("1", n == 1), ("2", n == 2), ("3+", n >= 3)):
