@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "waitlens.experiments.commands.probe",  # waitlens probe
     "waitlens.experiments.commands.patch",  # waitlens patch, waitlens ablate
     "waitlens.experiments.commands.run",  # waitlens run
+    "waitlens.experiments.commands.sample",  # waitlens sample
+    "waitlens.experiments.commands.intervene",  # waitlens intervene
     "waitlens.experiments.commands.replica",  # waitlens replica
     "waitlens.experiments.commands.store",  # waitlens store verify
     "waitlens.experiments.organism.cli",  # waitlens organism train|sample|eval|detect

@@ -21,7 +21,10 @@ from waitlens.traces.errors import WaitlensError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROBLEM_SOURCES = ("organism", "arithmetic", "jsonl", "hf")
-STAGES = ("trajectories", "positions", "capture", "tokens", "answers", "probes", "patching", "ablations", "report")
+STAGES = ("trajectories", "positions", "capture", "tokens", "answers", "probes", "patching", "ablations",
+          "interventions", "report")
+# what a config without `stages` runs: every stage but the opt-in ones (forced-wait interventions)
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "interventions")
 
 
 class ConfigError(WaitlensError):
@@ -51,6 +54,12 @@ class TrajectoryConfig:
     max_new_tokens: int = 256
     force_answer: bool = True  # a completion that never answers gets its answer forced (budget forcing)
     from_models: list[str] = field(default_factory=list)  # which models generate (default: all)
+    engine: str = "hf"  # hf (transformers generate) | vllm (pip install 'waitlens[vllm]')
+    max_thinking_tokens: int | None = None  # budget forcing: cap the reasoning, then force the answer
+    extend_thinking: int = 0  # budget forcing: replace the model's close of its reasoning N times ...
+    extend_word: str = "Wait"  # ... with this word ("wait" where the tokenizer lacks it, e.g. the organism)
+    tensor_parallel_size: int = 1  # vllm only: GPUs per model
+    gpu_memory_utilization: float = 0.9  # vllm only: fraction of GPU memory for weights + KV cache
 
 
 @dataclass
@@ -109,12 +118,21 @@ class AblationsConfig:
 
 
 @dataclass
+class InterventionsConfig:
+    at: str = "end"  # end (s1's setting: where the model closed its reasoning) | steps (a step boundary)
+    word: str | None = None  # the forced word; default Wait (wait where the tokenizer lacks it)
+    n: int = 1  # forced words per trajectory
+    models: list[str] = field(default_factory=list)  # which models (default: all)
+    max_trajectories: int = 400
+
+
+@dataclass
 class StudyConfig:
     name: str = "organism"
     seed: int = 0
     models: dict[str, ModelSpec] = field(default_factory=dict)
     lexicon: list[str] = field(default_factory=lambda: ["wait", "so", "therefore", "alternatively", "hmm", "but", "check", "verify"])
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     device: str | None = None
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
@@ -123,6 +141,7 @@ class StudyConfig:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     ablations: AblationsConfig = field(default_factory=AblationsConfig)
+    interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     source: str = ""  # the file it was read from
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +164,7 @@ def _to_plain(obj):
 _SECTIONS = {
     "trajectories": TrajectoryConfig, "capture": CaptureConfig, "tokens": TokensConfig,
     "answers": AnswersConfig, "probes": ProbesConfig, "patching": PatchingConfig,
-    "ablations": AblationsConfig,
+    "ablations": AblationsConfig, "interventions": InterventionsConfig,
 }
 
 
@@ -231,7 +250,8 @@ def _check_values(cfg: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: reading trajectories or problems from JSONL needs trajectories.path")
     if uses_hf and not t.dataset:
         raise ConfigError(f"{source}: reading from a Hugging Face dataset needs trajectories.dataset")
-    for role in (cfg.patching.source, cfg.patching.target, cfg.ablations.model, *cfg.trajectories.from_models):
+    for role in (cfg.patching.source, cfg.patching.target, cfg.ablations.model, *cfg.trajectories.from_models,
+                 *cfg.interventions.models):
         if role not in cfg.models:
             raise ConfigError(f"{source}: model {role!r} is used but not defined in [models] ({sorted(cfg.models)})")
     if len(cfg.patching.window) != 2 or cfg.patching.window[0] > cfg.patching.window[1]:
@@ -264,6 +284,12 @@ RANGES: dict[str, tuple[float | None, float | None]] = {  # inclusive (lo, hi); 
     "probes.n_boot": (1, None),
     "patching.max_trajectories": (1, None),
     "ablations.max_trajectories": (1, None),
+    "trajectories.max_thinking_tokens": (1, None),
+    "trajectories.extend_thinking": (0, None),
+    "trajectories.tensor_parallel_size": (1, None),
+    "trajectories.gpu_memory_utilization": (1e-9, 1),
+    "interventions.n": (1, None),
+    "interventions.max_trajectories": (1, None),
 }
 # allowed values of a string key, or of each element of a list key (tests keep these equal to
 # the constants of the modules that use them, which config does not import: it stays light)
@@ -275,6 +301,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "capture.storage_dtype": ("float32", "float16", "bfloat16"),
     "ablations.kinds": ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps"),
     "stages": STAGES,
+    "trajectories.engine": ("hf", "vllm"),
+    "interventions.at": ("end", "steps"),
     "models.*.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
 }
 NONEMPTY = ("lexicon", "stages", "probes.words", "patching.metrics", "ablations.kinds")  # lists

@@ -103,11 +103,12 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
     problems = load_problems(t, ctx.cfg.seed)
     summary = {}
     for name in t.from_models or list(ctx.cfg.models):
-        model = ctx.model(name)
+        model = _sampler(ctx, name)
         ctx.log(f"trajectories: sampling {len(problems)} x {t.n_per_problem} from {name}")
         trajs = generate_trajectories(model, problems, t.n_per_problem, temperature=t.temperature, top_p=t.top_p,
                                       max_new_tokens=t.max_new_tokens, seed=ctx.cfg.seed, model_name=name,
-                                      progress=not ctx.quiet, force_answer=t.force_answer)
+                                      progress=not ctx.quiet, force_answer=t.force_answer,
+                                      **_budget_kwargs(t, model))
         if t.problems == "organism":
             _add_organism_truth(trajs)
         for tr in trajs:
@@ -326,6 +327,49 @@ def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
     return {"rows": len(summary)}
 
 
+def _sampler(ctx: RunContext, name: str):
+    """What samples for model `name`: the loaded model (HF generate) or a vLLM engine (kept)."""
+    t = ctx.cfg.trajectories
+    if t.engine == "hf":
+        return ctx.model(name)
+    engines = ctx.__dict__.setdefault("_engines", {})
+    if name not in engines:
+        from waitlens.hooks.vllm_engine import load_engine
+
+        m = ctx.cfg.models[name]
+        ctx.log(f"loading vLLM engine {name} = {m.spec}")
+        engines[name] = load_engine("vllm", m.spec, device=ctx.cfg.device, dtype=m.dtype, format=m.format,
+                                    seed=ctx.cfg.seed, tensor_parallel_size=t.tensor_parallel_size,
+                                    gpu_memory_utilization=t.gpu_memory_utilization)
+    return engines[name]
+
+
+def _budget_kwargs(t, model) -> dict[str, Any]:
+    """Budget-forcing settings for `generate_trajectories` (none unless the config asks)."""
+    if t.max_thinking_tokens is None and not t.extend_thinking:
+        return {}
+    from waitlens.hooks.interventions import default_word
+
+    tok = getattr(model, "tokenizer", None)
+    word = default_word(tok, t.extend_word) if tok is not None else t.extend_word
+    return {"max_thinking_tokens": t.max_thinking_tokens, "extend_thinking": t.extend_thinking, "extend_word": word}
+
+
+def stage_interventions(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """Forced-wait interventions on each model's own trajectories (`analyses.interventions`)."""
+    from waitlens.experiments.analyses.interventions import interventions_to_dir
+
+    iv, t = ctx.cfg.interventions, ctx.cfg.trajectories
+    names = iv.models or list(ctx.cfg.models)
+    runs = [(name, _sampler(ctx, name), own_trajectories(ctx, name)[: iv.max_trajectories]) for name in names]
+    try:
+        return interventions_to_dir(runs, out, at=iv.at, word=iv.word, n=iv.n, temperature=t.temperature,
+                                    top_p=t.top_p, max_new_tokens=t.max_new_tokens, seed=ctx.cfg.seed,
+                                    n_boot=ctx.cfg.tokens.n_boot, progress=not ctx.quiet)
+    except InsufficientDataError as e:
+        raise StageSkipped(str(e)) from None
+
+
 def stage_report(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.report import write_report
 
@@ -342,6 +386,7 @@ STAGE_FUNCS = {
     "probes": (stage_probes, ("capture",)),
     "patching": (stage_patching, ("trajectories",)),
     "ablations": (stage_ablations, ("trajectories",)),
+    "interventions": (stage_interventions, ("trajectories",)),
     "report": (stage_report, ("trajectories", "positions", "capture", "tokens", "answers", "probes", "patching",
                               "ablations")),
 }

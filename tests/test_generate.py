@@ -85,3 +85,78 @@ def test_forced_answer_is_the_greedy_continuation_after_the_suffix(tiny_model):
         else:
             assert f.answer == p.answer and "forced_answer" not in f.extra
     assert n_forced > 0, "an untrained model with 6 new tokens should rarely answer by itself"
+
+
+# -- budget forcing (s1) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def post_large():
+    from waitlens.experiments.organism.sample import load
+
+    return load("organism:post-large")
+
+
+def _organism_rows(n):
+    from waitlens.experiments.organism.sample import eval_problems
+
+    return [{"id": p.id, "prompt": p.prompt, "gold": p.gold} for p in eval_problems(n, 0)]
+
+
+def test_extend_thinking_inserts_exactly_one_word_at_the_recorded_offset(post_large):
+    trajs = generate_trajectories(post_large, _organism_rows(60), temperature=1.0, seed=0, max_new_tokens=96,
+                                  batch_size=64, extend_thinking=1, extend_word="wait")
+    finished = [t for t in trajs if not t.extra.get("malformed") and not t.extra.get("forced_answer")]
+    assert len(finished) >= 55
+    for t in finished:
+        (off,) = t.extra["forced_waits"]
+        assert t.reasoning[off:off + 4] == "wait"
+        assert t.reasoning[:off].endswith(" ") and t.reasoning[off + 4:].startswith(" ")
+        assert t.extra["completion"].count(" ; A ") == 1  # the model's first close was dropped
+
+
+def test_max_thinking_tokens_caps_the_reasoning_and_forces_the_answer(post_large):
+    tok = post_large.tokenizer
+    trajs = generate_trajectories(post_large, _organism_rows(40), temperature=1.0, seed=0, max_new_tokens=96,
+                                  batch_size=64, max_thinking_tokens=16)
+    lengths = [len(tok(t.reasoning, add_special_tokens=False)["input_ids"]) for t in trajs]
+    assert max(lengths) <= 16
+    capped = [t for t in trajs if t.extra.get("budget_forced")]
+    assert len(capped) >= 30  # organism traces are 15-40 tokens long: most hit the cap
+    assert all(t.answer != "" and not t.extra.get("malformed") for t in capped)
+    assert all(t.extra["forced_waits"] == [] for t in trajs)
+
+
+def test_budget_forcing_on_a_real_bpe_model(smollm2):
+    """SmolLM2 (a real BPE tokenizer, chat template): the cap holds token for token, and an
+    extension inserts "Wait" where the model wrote its close."""
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} + {i + 2}? End with 'Final answer: N'.", "gold": str(2 * i + 2)}
+            for i in range(4)]
+    capped = generate_trajectories(smollm2, rows, temperature=0, max_new_tokens=64, max_thinking_tokens=16)
+    tok = smollm2.tokenizer
+    assert all(len(tok(t.reasoning, add_special_tokens=False)["input_ids"]) <= 16 for t in capped)
+    ext = generate_trajectories(smollm2, rows, temperature=0, max_new_tokens=96, extend_thinking=1)
+    for t in ext:
+        for off in t.extra["forced_waits"]:
+            assert t.reasoning[off:off + 4] == "Wait"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_thinking_tokens=0), "max_thinking_tokens must be a whole number >= 1 (or absent), got 0"),
+    (dict(max_thinking_tokens=2.5), "max_thinking_tokens must be a whole number >= 1 (or absent), got 2.5"),
+    (dict(extend_thinking=-1), "extend_thinking must be a whole number >= 0, got -1"),
+    (dict(extend_thinking=1, extend_word=" "), "extend_word must be a non-empty word, got ' '"),
+])
+def test_bad_budget_is_one_clear_error(tiny_model, kwargs, message):
+    from waitlens.hooks.generate import BudgetError
+
+    with pytest.raises(BudgetError) as e:
+        generate_trajectories(tiny_model, [{"prompt": PROMPTS[0], "gold": "6"}], **kwargs)
+    assert str(e.value) == message
+
+
+def test_no_budget_is_the_plain_sampling_pass(tiny_model):
+    """Without budget forcing the records are exactly what one sampling pass gives."""
+    probs = [{"id": "a", "prompt": PROMPTS[0], "gold": "6"}]
+    a = generate_trajectories(tiny_model, probs, 2, max_new_tokens=10, seed=1, batch_size=4)
+    texts = generate(tiny_model, [PROMPTS[0]] * 2, max_new_tokens=10, seed=1, batch_size=4)
+    assert [t.extra["completion"] for t in a] == texts
+    assert all("forced_waits" not in t.extra for t in a)
