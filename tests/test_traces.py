@@ -126,3 +126,64 @@ def test_no_match_warns_and_gives_empty_table(smollm2):
         warnings.simplefilter("always")
         pos = find_positions(smollm2, [t], ["wait", "so"])
     assert len(pos) == 0 and any("no lexicon word" in str(x.message) for x in w)
+
+
+def _word_tokenizer():
+    """A word-level fast tokenizer (whitespace split), like the organism's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<bos>", "<eos>", "<unk>", "Q", "A", ";", "=", "+", "-", "wait", "so"] + [str(i) for i in range(10)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+
+
+ORG_FMT = {"name": "org", "prompt_sep": " ", "think_close": " ; ", "answer_prefix": "A ", "answer_suffix": " <eos>"}
+
+
+@pytest.mark.slow
+def test_find_positions_linear_on_10mb_reasoning():
+    """#15 item 6: 10 MB of reasoning in under 10 s of CPU (it never finished before)."""
+    import time
+
+    tok = _word_tokenizer()
+    unit = "3 + 4 = 7 ; wait 7 - 1 = 6 ; "
+    text = unit * (10_000_000 // len(unit))
+    traj = Trajectory("t", "p", "Q 3 + 4", text, "6", "6", True)
+    t0 = time.process_time()
+    pos = find_positions(tok, [traj], ["wait"], fmt=ORG_FMT)
+    assert time.process_time() - t0 < 10
+    assert len(pos) == text.count("wait")
+    first = pos.table.iloc[[0, -1]]
+    rd_ids = tok(traj.prompt, add_special_tokens=False)["input_ids"]
+    n_head = 1 + len(rd_ids)  # <bos> and the prompt's words
+    per_unit = len(unit.split())
+    assert list(first["token_index"]) == [n_head + 6, n_head + 6 + per_unit * (len(pos) - 1)]  # 7th word
+
+
+def test_context_length_reported_before_the_search(monkeypatch):
+    """#15 item 6: a trajectory longer than the model's context is an error before any search,
+    and a long one stops tokenizing as soon as it is too long."""
+    import time
+
+    import waitlens.traces.positions as P
+    from waitlens.traces.formats import get_format
+    from waitlens.traces.tokenizers import ContextLengthError, TokenizerModel
+
+    model = TokenizerModel("tiny-ctx", _word_tokenizer(), get_format(ORG_FMT), n_ctx=100)
+    short = Trajectory("s", "p", "Q 1", "1 + 1 = 2 ; wait", "2", "2", True)
+    long = Trajectory("l", "p", "Q 1", "1 + 1 = 2 ; wait " * 30, "2", "2", True)
+    huge = Trajectory("h", "p", "Q 1", "1 + 1 = 2 ; wait " * 700_000, "2", "2", True)
+
+    def no_search(*a, **k):
+        raise AssertionError("searched before checking the length")
+
+    monkeypatch.setattr(P, "_rows_for", no_search)
+    monkeypatch.setattr(P, "_rows_chunked", no_search)
+    with pytest.raises(ContextLengthError, match=r"^trajectory 'l' has \d+ tokens, more than the context of tiny-ctx \(100 tokens\)"):
+        find_positions(model, [long, short], ["wait"])
+    t0 = time.process_time()
+    with pytest.raises(ContextLengthError, match="trajectory 'h'"):
+        find_positions(model, [huge], ["wait"])
+    assert time.process_time() - t0 < 2  # 12 MB: only its first chunks are tokenized

@@ -177,8 +177,9 @@ def render_head(tokenizer, prompt: str, fmt: PromptFormat) -> str:
     return head + fmt.think_open
 
 
-def render(tokenizer, trajectory: Trajectory, fmt: PromptFormat, *, include_answer: bool = True) -> Rendered:
-    """Render and tokenize one trajectory (a fast tokenizer is needed for offsets)."""
+def render_text(tokenizer, trajectory: Trajectory, fmt: PromptFormat, *, include_answer: bool = True
+                ) -> tuple[str, tuple[int, int], tuple[int | None, int | None]]:
+    """The rendered text, and the character spans of the reasoning and the answer in it."""
     head = render_head(tokenizer, trajectory.prompt, fmt)
     r0 = len(head)
     r1 = r0 + len(trajectory.reasoning)
@@ -190,6 +191,12 @@ def render(tokenizer, trajectory: Trajectory, fmt: PromptFormat, *, include_answ
         text += trajectory.answer
         a1 = len(text)
         text += fmt.answer_suffix
+    return text, (r0, r1), (a0, a1)
+
+
+def render(tokenizer, trajectory: Trajectory, fmt: PromptFormat, *, include_answer: bool = True) -> Rendered:
+    """Render and tokenize one trajectory (a fast tokenizer is needed for offsets)."""
+    text, (r0, r1), (a0, a1) = render_text(tokenizer, trajectory, fmt, include_answer=include_answer)
     ids, offsets = tokenize_with_offsets(tokenizer, text)
     rt = _token_span(offsets, r0, r1)
     at = _token_span(offsets, a0, a1) if include_answer else (len(ids), len(ids))

@@ -8,6 +8,9 @@ the tokens that cover it. A word split over several tokens keeps its whole span
 
 from __future__ import annotations
 
+import bisect
+import json
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from waitlens.traces.formats import PromptFormat, Rendered, get_format, render
+from waitlens.traces.formats import PromptFormat, Rendered, get_format, render, render_text
 from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.trajectory import Trajectory
 
@@ -64,7 +67,8 @@ class Positions:
 
 
 def _resolve(tokenizer_or_model, fmt):
-    """Accept a tokenizer (+ format) or a loaded model object carrying both."""
+    """Accept a tokenizer (+ format) or a model object carrying both (a `hooks.load_model`
+    result or a weightless `traces.tokenizers.TokenizerModel`)."""
     tok = getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
     if fmt is None:
         fmt = getattr(tokenizer_or_model, "format", None)
@@ -72,7 +76,7 @@ def _resolve(tokenizer_or_model, fmt):
 
 
 def find_positions(
-    tokenizer,
+    tokenizer_or_model,
     trajectories: Sequence[Trajectory],
     lexicon: Lexicon | Sequence[str] | str | None = None,
     *,
@@ -81,19 +85,38 @@ def find_positions(
 ) -> Positions:
     """Every lexicon-word occurrence in the reasoning of each trajectory, as token positions.
 
-    `tokenizer` is a fast HF tokenizer or a model from `hooks.load_model` (its tokenizer and
-    prompt format are used). `anchor`: "first" or "last" token of a multi-token word, or
-    "both" (two rows when they differ). No match at all gives a warning and an empty table.
+    `tokenizer_or_model`: a fast HF tokenizer, or a model from `hooks.load_model` or
+    `traces.tokenizers.tokenizer_model` (its tokenizer and prompt format are used, and a
+    trajectory longer than its context is an error raised before any search). `anchor`:
+    "first" or "last" token of a multi-token word, or "both" (two rows when they differ). No
+    match at all gives a warning and an empty table. Linear in the text length: each word's
+    tokens are found by binary search over the token offsets.
     """
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     lex = Lexicon.parse(lexicon)
-    tok, fmt = _resolve(tokenizer, fmt)
-    rows = []
+    tok, fmt = _resolve(tokenizer_or_model, fmt)
+    check_length = getattr(tokenizer_or_model, "check_length", None)
+    n_ctx = getattr(tokenizer_or_model, "n_ctx", None) if check_length is not None else None
+    rows, frames = [], []
     for traj in trajectories:
+        text, reasoning_chars, _ = render_text(tok, traj, fmt)
+        if len(text) > LONG_TEXT and chunk_safe(tok):
+            located = _Chunked(tok, text, n_ctx=n_ctx)
+            if check_length is not None:
+                check_length(located.n_tokens, traj.id)
+            if rows:
+                frames.append(pd.DataFrame(rows, columns=COLUMNS))
+                rows = []
+            frames.append(_rows_chunked(traj, located, reasoning_chars, lex, anchor))
+            continue
         rendered = render(tok, traj, fmt)
+        if check_length is not None:
+            check_length(rendered.n_tokens, traj.id)
         rows.extend(_rows_for(traj, rendered, lex, anchor))
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    frames.append(pd.DataFrame(rows, columns=COLUMNS))
+    frames = [f for f in frames if len(f)]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(rows, columns=COLUMNS)
     if table.empty:
         warnings.warn(
             f"no lexicon word {list(lex.words)} occurs in the reasoning of any of the "
@@ -107,23 +130,208 @@ def _rows_for(traj: Trajectory, rd: Rendered, lex: Lexicon, anchor: str) -> list
     r0, _ = rd.reasoning_chars
     t0, t1 = rd.reasoning_tokens
     n_reason = max(t1 - t0, 1)
+    if t1 <= t0:
+        return []
+    offs = np.asarray(rd.offsets[t0:t1], dtype=np.int64).reshape(-1, 2)
+    starts = offs[:, 0]
+    # running maximum of the token ends: non-decreasing, so the first token that can overlap
+    # a span is a binary search away (a fast tokenizer's ends are already non-decreasing)
+    ends = np.maximum.accumulate(offs[:, 1])
     rows = []
     for m in lex.finditer(traj.reasoning):
         cs, ce = r0 + m.start, r0 + m.end
-        toks = [i for i in range(t0, t1) if rd.offsets[i][1] > cs and rd.offsets[i][0] < ce]
+        k = int(np.searchsorted(ends, cs, side="right"))  # first token with end > cs
+        toks = []
+        while k < len(starts) and starts[k] < ce:
+            if offs[k, 1] > cs:
+                toks.append(t0 + k)
+            k += 1
         if not toks:  # cannot happen with a consistent fast tokenizer; guard anyway
             continue
         idx = {"first": [toks[0]], "last": [toks[-1]], "both": sorted({toks[0], toks[-1]})}[anchor]
-        for k, ti in enumerate(idx):
+        for j, ti in enumerate(idx):
             rows.append({
                 "trajectory_id": traj.id, "problem_id": traj.problem_id, "word": m.word,
                 "surface": m.surface,
-                "anchor": anchor if anchor != "both" else ("first" if k == 0 else "last"),
+                "anchor": anchor if anchor != "both" else ("first" if j == 0 else "last"),
                 "token_index": ti, "span_start": toks[0], "span_end": toks[-1] + 1,
                 "rel_index": ti - t0, "frac": (ti - t0) / n_reason, "n_reasoning_tokens": t1 - t0,
                 "correct": traj.correct, "char_start": cs, "char_end": ce,
             })
     return rows
+
+
+# -- long texts: tokenized in chunks, words located by the tokenizer's own char_to_token ------
+LONG_TEXT = 200_000  # characters; longer rendered texts are tokenized in chunks
+CHUNK = 50_000  # characters per chunk (cut at a pre-token boundary, see `_cuts`)
+_SAFE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Sequence"}
+_SAFE_PRE_TOKENIZERS = {"Sequence", "Split", "ByteLevel", "WhitespaceSplit", "Whitespace", "Digits",
+                        "Punctuation"}
+# a single space between two non-space characters, or the start of a line after a newline:
+# every pre-tokenizer accepted by `chunk_safe` splits there, so the chunks' tokens are the
+# whole text's tokens (tests compare them on real traces)
+_CUT = re.compile(r"(?<=\S) (?=\S)|(?<=\n)(?=\S)")
+
+
+def _types(state: bytes | str | None) -> list[dict]:
+    """Every component (nested Sequences included) of a normalizer/pre-tokenizer state."""
+    if not state:
+        return []
+    obj = json.loads(state)
+    out, todo = [], [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, dict):
+            out.append(o)
+            todo.extend(o.get("pretokenizers") or o.get("normalizers") or [])
+    return out
+
+
+def chunk_safe(tokenizer) -> bool:
+    """Can `tokenizer` encode a text in chunks cut at `_CUT` and give the whole text's tokens?
+    Yes for byte-level BPE (GPT-2, Qwen, Llama-3), whitespace/word-level tokenizers; no for
+    SentencePiece-style ones (a prefix space per chunk) or added tokens containing spaces."""
+    bk = getattr(tokenizer, "backend_tokenizer", None)
+    if bk is None:
+        return False
+    cached = getattr(tokenizer, "_waitlens_chunk_safe", None)
+    if cached is not None:
+        return cached
+    try:
+        norm = _types(bk.normalizer.__getstate__() if bk.normalizer is not None else None)
+        pre = _types(bk.pre_tokenizer.__getstate__() if bk.pre_tokenizer is not None else None)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    ok = bool(pre) and all(c.get("type") in _SAFE_NORMALIZERS for c in norm) and all(
+        c.get("type") in _SAFE_PRE_TOKENIZERS and not c.get("add_prefix_space", False) for c in pre)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ok = ok and not any(re.search(r"\s", str(t)) for t in added.values())
+    try:
+        tokenizer._waitlens_chunk_safe = ok
+    except AttributeError:
+        pass
+    return ok
+
+
+def _cuts(text: str, size: int) -> list[int]:
+    """Chunk starts: 0, then the first `_CUT` at or after every `size` characters."""
+    starts, pos = [0], size
+    while pos < len(text):
+        m = _CUT.search(text, pos)
+        if m is None:
+            break
+        starts.append(m.start())
+        pos = m.start() + size
+    return starts
+
+
+class _Chunked:
+    """A long text tokenized chunk by chunk (in Rust, no per-token Python objects); stops as
+    soon as it is longer than `n_ctx` tokens, so an over-long trajectory is reported at once."""
+
+    def __init__(self, tokenizer, text: str, *, n_ctx: int | None = None, size: int = CHUNK):
+        bk = tokenizer.backend_tokenizer
+        starts = _cuts(text, size)
+        bounds = [*starts, len(text)]
+        self.bases: list[int] = []
+        self.encs: list = []
+        self.first_token: list[int] = []  # global index of each chunk's first token
+        n = 0
+        group = 16
+        for g in range(0, len(starts), group):
+            pieces = [text[bounds[i]: bounds[i + 1]] for i in range(g, min(g + group, len(starts)))]
+            for k, enc in enumerate(bk.encode_batch(pieces, add_special_tokens=False)):
+                self.bases.append(bounds[g + k])
+                self.encs.append(enc)
+                self.first_token.append(n)
+                n += len(enc.ids)
+            if n_ctx is not None and n > n_ctx:
+                break  # already too long: the caller's length check reports it
+        self.n_tokens = n
+        self._offsets: dict[int, list[tuple[int, int]]] = {}
+
+    def _chunk(self, char: int) -> int:
+        return max(bisect.bisect_right(self.bases, char) - 1, 0)
+
+    def offsets(self, k: int) -> list[tuple[int, int]]:
+        if k not in self._offsets:
+            b = self.bases[k]
+            self._offsets[k] = [(s + b, e + b) for s, e in self.encs[k].offsets]
+        return self._offsets[k]
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """As `formats._token_span`: [first, last+1) of the non-empty tokens overlapping
+        [start, end), reading only the chunks at its two ends."""
+        first = last = None
+        for k in range(self._chunk(start), len(self.encs)):
+            hit = [i for i, (s, e) in enumerate(self.offsets(k)) if e > start and s < end and e > s]
+            if hit:
+                first = self.first_token[k] + hit[0]
+                break
+            if k + 1 < len(self.encs) and self.bases[k + 1] >= end:
+                break
+        if first is None:
+            nxt = next((self.first_token[k] + i for k in range(self._chunk(start), len(self.encs))
+                        for i, (s, _) in enumerate(self.offsets(k)) if s >= start), self.n_tokens)
+            return (nxt, nxt)
+        for k in range(self._chunk(max(end - 1, start)), -1, -1):
+            hit = [i for i, (s, e) in enumerate(self.offsets(k)) if e > start and s < end and e > s]
+            if hit:
+                last = self.first_token[k] + hit[-1]
+                break
+        return (first, last + 1)
+
+
+def _rows_chunked(traj: Trajectory, loc: _Chunked, reasoning_chars: tuple[int, int], lex: Lexicon,
+                  anchor: str) -> list[dict] | pd.DataFrame:
+    """The rows of `_rows_for` for a chunk-tokenized text, vectorized per chunk: each word's
+    first token is the first whose end passes its start, its last the last starting before its
+    end (binary searches over the chunk's offsets)."""
+    r0, r1 = reasoning_chars
+    t0, t1 = loc.span(r0, r1)
+    n_reason = max(t1 - t0, 1)
+    found = [(r0 + m.start, r0 + m.end, m.word, m.surface) for m in lex.finditer(traj.reasoning)]
+    if not found:
+        return []
+    cs = np.fromiter((f[0] for f in found), dtype=np.int64, count=len(found))
+    ce = np.fromiter((f[1] for f in found), dtype=np.int64, count=len(found))
+    chunk = np.searchsorted(np.asarray(loc.bases, dtype=np.int64), cs, side="right") - 1
+    first = np.full(len(found), -1, dtype=np.int64)
+    last = np.full(len(found), -1, dtype=np.int64)
+    for k in np.unique(chunk):
+        sel = np.flatnonzero(chunk == k)
+        offs = np.asarray(loc.encs[k].offsets, dtype=np.int64).reshape(-1, 2) + loc.bases[k]
+        if len(offs) == 0:
+            continue
+        ends = np.maximum.accumulate(offs[:, 1])
+        starts = np.maximum.accumulate(offs[:, 0])
+        a = np.searchsorted(ends, cs[sel], side="right")
+        b = np.searchsorted(starts, ce[sel], side="left") - 1
+        ok = (a < len(offs)) & (b >= a)
+        # a word running past its chunk's last token (cannot happen: chunks cut between words)
+        first[sel[ok]] = loc.first_token[k] + a[ok]
+        last[sel[ok]] = loc.first_token[k] + b[ok]
+    keep = first >= 0
+    if anchor == "both":
+        two = keep & (first != last)
+        order = np.concatenate([np.flatnonzero(keep), np.flatnonzero(two)])
+        which = np.concatenate([np.zeros(keep.sum(), dtype=int), np.ones(two.sum(), dtype=int)])
+        srt = np.lexsort((which, order))
+        order, which = order[srt], which[srt]
+        tok = np.where(which == 0, first[order], last[order])
+        anchors = np.where(which == 0, "first", "last")
+    else:
+        order = np.flatnonzero(keep)
+        tok = (first if anchor == "first" else last)[order]
+        anchors = np.full(len(order), anchor, dtype=object)
+    return pd.DataFrame({
+        "trajectory_id": traj.id, "problem_id": traj.problem_id,
+        "word": [found[i][2] for i in order], "surface": [found[i][3] for i in order],
+        "anchor": anchors.astype(object), "token_index": tok, "span_start": first[order],
+        "span_end": last[order] + 1, "rel_index": tok - t0, "frac": (tok - t0) / n_reason,
+        "n_reasoning_tokens": t1 - t0, "correct": traj.correct, "char_start": cs[order],
+        "char_end": ce[order],
+    }, columns=COLUMNS)
 
 
 def _typed(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,132 @@
+"""Real traces with real tokenizers: R1-distill / Qwen2 tokenization, positions on real text,
+and the real-traces study. Reads ../shared/realdata (skipped with the reason when absent)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from waitlens.traces import find_positions, import_records, read_records
+from waitlens.traces.tokenizers import (
+    R1_DISTILL_ADDED_TOKENS,
+    TokenizerLoadError,
+    load_tokenizer,
+    r1_distill_tokenizer,
+    tokenizer_model,
+)
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+BPE = REALDATA / "tokenizer" / "qwen2-boundless"
+R1_CONFIG = REALDATA / "tokenizer" / "deepseek-r1-distill-qwen-32b"
+R1_TEMPLATE = REALDATA / "chat_templates" / "deepseek-r1-distill-qwen.current.jinja"
+QWEN_TEMPLATE = REALDATA / "chat_templates" / "qwen2.5-instruct.jinja"
+R1_FIELDS = {"prompt": "question", "completion": "model_answers.thinking_model", "gold": "correct_answer"}
+WHOLE_WAIT = re.compile(r"(?<![\w-])wait(?![\w-])", re.IGNORECASE)
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (../shared/realdata beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def r1_model():
+    _need(BPE), _need(R1_CONFIG), _need(R1_TEMPLATE)
+    return tokenizer_model(R1_CONFIG, bpe=BPE, chat_template=R1_TEMPLATE, format="r1", name="r1-distill")
+
+
+@pytest.fixture(scope="module")
+def r1_trajectories():
+    path = _need(REALDATA / "traces" / "r1distill_qwen1.5b_gsm8k500.jsonl")
+    return import_records(read_records(path), format="r1", fields=R1_FIELDS, model="r1")
+
+
+def test_qwen2_bpe_ids():
+    tok = load_tokenizer(_need(BPE))
+    assert len(tok) == 151646
+    assert tok.convert_tokens_to_ids(["Wait", "ĠWait", "Ġwait", "So", "ĠAlternatively", "Hmm"]) == [
+        14190, 13824, 3783, 4416, 38478, 80022]
+
+
+def test_r1_distill_tokenizer_special_ids(r1_model):
+    tok = r1_model.tokenizer
+    for tid, content, _special, _status in R1_DISTILL_ADDED_TOKENS:
+        assert tok.convert_tokens_to_ids(content) == tid
+    assert (tok.bos_token_id, tok.eos_token_id) == (151646, 151643)  # generation_config.json
+    confirmed = {tid for tid, _c, _s, status in R1_DISTILL_ADDED_TOKENS if status == "confirmed"}
+    assert confirmed == {151643, 151644, 151645, 151646}
+    head = tok.apply_chat_template([{"role": "user", "content": "What is 1+1?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert head == "<｜begin▁of▁sentence｜><｜User｜>What is 1+1?<｜Assistant｜><think>\n"
+    ids = tok(head, add_special_tokens=False)["input_ids"]
+    assert ids[:2] == [151646, 151644] and ids[-3:] == [151645, 151648, 198]  # SOURCES.md: [151646, 151644, …, 151645]
+    assert r1_model.n_ctx == 131072  # config.json max_position_embeddings
+
+
+def test_r1_full_response_tokenizes_like_its_prompt(r1_model):
+    """The riddles file keeps the exact R1 prompt: our template renders the same head."""
+    rows = read_records(_need(REALDATA / "traces" / "r1distill_qwen1.5b_reasoning_tasks50.jsonl"))
+    tok = r1_model.tokenizer
+    for r in rows[:5]:
+        head = tok.apply_chat_template([r["original_message"]], tokenize=False, add_generation_prompt=True)
+        assert r["full_response"].startswith(head.removeprefix(tok.bos_token))
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(TokenizerLoadError, match=r"^tokenizer directory not found: .*nope"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(TokenizerLoadError, match=r"no tokenizer.json, and no vocab.json \+ merges.txt$"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(TokenizerLoadError, match=r"^chat template file not found: .*x.jinja$"):
+        load_tokenizer(_need(BPE), tmp_path / "x.jinja")
+    with pytest.raises(TokenizerLoadError, match="an R1-distill tokenizer config without a vocabulary"):
+        load_tokenizer(_need(R1_CONFIG))
+    with pytest.raises(TokenizerLoadError, match=r"^Qwen2 BPE directory not found"):
+        r1_distill_tokenizer(tmp_path / "none")
+
+
+def test_positions_on_real_r1_text(r1_model, r1_trajectories):
+    """Must-show 3: every whole-word wait found, on the right token, none inside words."""
+    tok = r1_model.tokenizer
+    pos = find_positions(r1_model, r1_trajectories, ["wait"]).table
+    expected = sum(len(WHOLE_WAIT.findall(t.reasoning)) for t in r1_trajectories)
+    assert expected == 657 and len(pos) == expected
+    by_id = {t.id: t for t in r1_trajectories}
+    rendered = {tid: r1_model.render(by_id[tid]) for tid in set(pos["trajectory_id"])}
+    variants = set()
+    for row in pos.itertuples():
+        rd = rendered[row.trajectory_id]
+        assert rd.text[row.char_start: row.char_end].lower() == "wait"
+        piece = tok.decode([rd.input_ids[row.token_index]])
+        assert piece.strip().lower() == "wait", piece  # one token, "Wait" or " wait", never "awaits"
+        s, e = rd.offsets[row.token_index]
+        assert s <= row.char_start and row.char_end <= e
+        before = rd.text[max(row.char_start - 3, 0): row.char_start]
+        after = rd.text[row.char_end: row.char_end + 1]
+        variants.add((piece, after == ",", before.endswith(".\n\n")))
+    pieces = {v[0] for v in variants}
+    assert {"Wait", " wait", " Wait"} <= pieces
+    assert ("Wait", True, True) in variants  # ".\n\nWait," lands on "Wait" (id 14190), not ".\n\n"
+    ids = {rendered[r.trajectory_id].input_ids[r.token_index] for r in pos.itertuples()}
+    assert {14190, 13824, 3783} <= ids
+    # no hit inside a word: the one "waiting" in these reasonings is not a position
+    assert sum(len(re.findall("wait", t.reasoning, re.I)) for t in r1_trajectories) == expected + 1
+
+
+def test_chunked_tokenization_equals_whole_text(r1_model, r1_trajectories, monkeypatch):
+    """Long texts are tokenized in chunks; forcing that on every R1 text gives the same table."""
+    import pandas as pd
+
+    import waitlens.traces.positions as P
+
+    words = ["wait", "so", "hmm", "alternatively", "let me check"]
+    sub = r1_trajectories[:120]
+    whole = {a: find_positions(r1_model, sub, words, anchor=a).table for a in ("first", "both")}
+    monkeypatch.setattr(P, "LONG_TEXT", 0)
+    monkeypatch.setattr(P, "CHUNK", 300)
+    assert P.chunk_safe(r1_model.tokenizer)
+    for a, table in whole.items():
+        pd.testing.assert_frame_equal(find_positions(r1_model, sub, words, anchor=a).table, table)
