@@ -197,7 +197,10 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
     format: PromptFormat | str | dict | None = None,
-) -> LoadedModel:
+    tokenizer: str | os.PathLike | None = None,
+    chat_template: str | os.PathLike | None = None,
+    bpe: str | os.PathLike | None = None,
+):
     """Load a causal LM from a spec.
 
     spec: ``family:variant`` (resolved by a plugin of the ``waitlens.models`` group), ``smollm2``
@@ -205,7 +208,17 @@ def load_model(
     (``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``; needs the internet).
     format: the prompt format (preset name, dict or PromptFormat); default: the directory's
     ``waitlens_format.json`` if it ships one, else inferred from the chat template.
+    tokenizer / chat_template / bpe: a tokenizer directory and a ``.jinja`` chat template
+    (`traces.tokenizers.load_tokenizer`) used instead of the model's own. With spec None, no
+    weights are loaded: the result is a `traces.tokenizers.TokenizerModel` (positions and token
+    counts with a real model's exact tokenization).
     """
+    if spec is None or str(spec) == "":
+        from waitlens.traces.tokenizers import tokenizer_model
+
+        if tokenizer is None:
+            raise ModelLoadError("load_model needs a model spec, or a tokenizer directory (tokenizer=DIR)")
+        return tokenizer_model(tokenizer, chat_template=chat_template, bpe=bpe, format=format)
     spec = str(spec)
     device = device or default_device()
     torch_dtype = _dtype(dtype, device)
@@ -218,6 +231,12 @@ def load_model(
     else:
         hf, tok = _load_hub(spec, torch_dtype, revision)
         source = None
+    if tokenizer is not None or chat_template is not None:
+        from waitlens.traces.tokenizers import load_tokenizer as load_tokenizer_dir
+
+        if tokenizer is None and source is None:
+            raise ModelLoadError(f"{spec}: a chat template without a local tokenizer directory (tokenizer=DIR)")
+        tok = load_tokenizer_dir(tokenizer if tokenizer is not None else source, chat_template, bpe=bpe)
     hf.to(device).eval()
     if format is None:
         fmt = (load_format(source) if source is not None else None) or infer_format(tok)

@@ -130,3 +130,17 @@ def test_chunked_tokenization_equals_whole_text(r1_model, r1_trajectories, monke
     assert P.chunk_safe(r1_model.tokenizer)
     for a, table in whole.items():
         pd.testing.assert_frame_equal(find_positions(r1_model, sub, words, anchor=a).table, table)
+
+
+def test_load_model_tokenizer_only_and_template(tmp_path):
+    from tests.conftest import make_tiny_qwen
+    from waitlens.hooks.models import load_model
+
+    m = load_model(None, tokenizer=_need(BPE), chat_template=_need(QWEN_TEMPLATE), format="qwen")
+    assert not m.has_weights and m.format.name == "qwen" and m.n_ctx == 32768
+    assert m.render(import_records([{"p": "hi", "c": "so \\boxed{1}", "g": "1"}], format="qwen",
+                                   fields={"prompt": "p", "completion": "c", "gold": "g"})[0]).text.startswith(
+        "<|im_start|>system\nYou are Qwen")
+    d = make_tiny_qwen(tmp_path / "tiny")
+    tiny = load_model(str(d), device="cpu", chat_template=QWEN_TEMPLATE, format="plain")
+    assert tiny.tokenizer.chat_template.startswith(QWEN_TEMPLATE.read_text()[:40])
