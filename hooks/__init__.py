@@ -4,7 +4,7 @@ Locations inside a model are TransformerLens hook names (`blocks.{l}.hook_resid_
 """
 
 from waitlens.hooks.answer import answer_curves, answer_probabilities, choose_prefixes
-from waitlens.hooks.capture import capture_residuals, residuals_at
+from waitlens.hooks.capture import Captured, capture, capture_residuals, residuals_at
 from waitlens.hooks.logprobs import token_logprobs, token_occurrences
 from waitlens.hooks.models import ContextLengthError, LoadedModel, ModelLoadError, load_model
 from waitlens.hooks.patching import PatchResult, attribute, patch
@@ -17,8 +17,8 @@ from waitlens.hooks.store import (
 )
 
 __all__ = [
-    "ActivationStore", "ContextLengthError", "IncompleteStoreError", "LoadedModel", "ModelLoadError",
-    "PatchResult", "StoreError", "answer_curves", "answer_probabilities", "attribute", "capture_residuals",
+    "ActivationStore", "Captured", "ContextLengthError", "IncompleteStoreError", "LoadedModel", "ModelLoadError",
+    "PatchResult", "StoreError", "answer_curves", "answer_probabilities", "attribute", "capture", "capture_residuals",
     "choose_prefixes", "load_model", "open_store", "patch", "residuals_at", "token_logprobs",
     "token_occurrences", "write_store",
 ]

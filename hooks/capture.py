@@ -155,6 +155,60 @@ def capture_residuals(
     return ActivationStore(out)
 
 
+@dataclass
+class Captured:
+    """In-memory residual states (`capture`): ``states[i]`` is the state at ``meta.iloc[i]``.
+
+    Unpacks as ``states, meta = capture(...)``."""
+
+    states: Float[Tensor, "n layer d_model"]
+    meta: pd.DataFrame  # the positions in store order, with model and row
+    layers: list[int]
+    hook: str
+
+    def __iter__(self):
+        return iter((self.states, self.meta))
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+def capture(
+    model,
+    trajectories: Sequence[Trajectory],
+    positions: Positions | pd.DataFrame,
+    layers: Sequence[int] | str | None = None,
+    *,
+    hook: str = "resid_post",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Captured:
+    """`blocks.{l}.hook_{hook}` at every position in `positions`, for `layers` (default all),
+    held in memory (float32) for a notebook: the same forwards and the same row order as
+    `capture_residuals` writes to a store (TransformerLens's `run_with_cache` habit, at the
+    chosen positions only). ``states, meta = capture(model, trajs, pos, layers=[3, 5])``.
+    """
+    kind = normalize_kind(hook)
+    layer_list = resolve_layers(layers, model.n_layers)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    pos = positions if isinstance(positions, Positions) else Positions(positions)
+    table = pos.table
+    ids_by_traj = _tokenize_all(model, trajectories)
+    _check_positions(table, ids_by_traj)
+    shards = _plan(trajectories, table, ids_by_traj, max(len(ids_by_traj), 1), model.spec)
+    if not shards:
+        return Captured(torch.empty((0, len(layer_list), model.d_model)), _empty_metadata(), layer_list, kind)
+    shard = shards[0]
+    bar = _progress(progress, total=len(shard.trajectory_ids), initial=0)
+    try:
+        states = _capture_shard(model, shard, ids_by_traj, layer_list, kind, batch_size, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return Captured(states, shard.table.reset_index(drop=True), layer_list, kind)
+
+
 # -- forward passes ---------------------------------------------------------------------------
 @torch.inference_mode()
 def residuals_at(

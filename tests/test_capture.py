@@ -360,3 +360,26 @@ def test_cli_errors_are_one_clear_line(tiny_qwen_dir, trajs, tmp_path, capsys):
                  "--quiet", "--device", "cpu")
     assert rc == 0 and "captured 0 positions" in capsys.readouterr().out
     assert open_store(tmp_path / "e").states().shape == (0, 3, 32)
+
+
+# -- in memory --------------------------------------------------------------------------------
+def test_in_memory_capture_equals_store(tiny_model, trajs, positions, tmp_path):
+    """`capture` (a notebook's run_with_cache) holds exactly what the store holds, same rows."""
+    import waitlens as wl
+    from waitlens.hooks import capture
+
+    store = capture_residuals(tiny_model, trajs, positions, tmp_path / "s", layers="0,2", batch_size=4,
+                              shard_size=100, progress=False)  # one shard: the very same batches
+    got = capture(tiny_model, trajs, positions, layers=[2, 0], batch_size=4)
+    states, meta = got
+    assert got.layers == [0, 2] and got.hook == "resid_post" and len(got) == len(positions)
+    assert states.shape == (len(positions), 2, tiny_model.d_model) and states.dtype == torch.float32
+    assert torch.equal(states, store.states())
+    cols = [c for c in store.metadata.columns if c != "shard"]
+    assert meta[cols].astype(str).equals(store.metadata[cols].astype(str))
+    pre = wl.capture(tiny_model, trajs, positions.table, layers="1", hook="resid_pre")
+    assert pre.states.shape[1] == 1 and pre.hook == "resid_pre"
+    empty = capture(tiny_model, trajs, positions.table.iloc[:0], layers=[1])
+    assert empty.states.shape == (0, 1, tiny_model.d_model) and len(empty.meta) == 0
+    with pytest.raises(ValueError, match="out of range"):
+        capture(tiny_model, trajs, positions, layers=[7])
