@@ -169,7 +169,7 @@ def stage_capture(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from waitlens.experiments.commands.tokens import tokens_to_dir
+    from waitlens.experiments.analyses.tokens import tokens_to_dir
 
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)) for name in ctx.cfg.models]
     try:
@@ -180,7 +180,7 @@ def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from waitlens.experiments.commands.tokens import answers_to_dir
+    from waitlens.experiments.analyses.tokens import answers_to_dir
 
     a = ctx.cfg.answers
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)[: a.max_trajectories]) for name in ctx.cfg.models]
