@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "waitlens.experiments.commands.intervene",  # waitlens intervene
     "waitlens.experiments.commands.replica",  # waitlens replica
     "waitlens.experiments.commands.store",  # waitlens store verify
+    "waitlens.experiments.commands.importing",  # waitlens import
     "waitlens.experiments.organism.cli",  # waitlens organism train|sample|eval|detect
 ]
 # options whose values may start with "-" (argparse would read "--window -2:4" as two options)

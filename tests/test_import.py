@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,49 @@ def test_import_real_r1_distill_file():
     trajs = import_records(read_records(path), format="r1", fields=R1_FIELDS, model="r1")
     assert len(trajs) == 500 and sum(t.extra["finished"] for t in trajs) == 469
     assert sum(t.correct for t in trajs) == 390
+
+
+def _cli(argv, capsys):
+    from waitlens.experiments.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize("content,extra,msg", [
+    (b'{"q": "x", "out": {"m": ["a</think>\\\\boxed{1}"]}, "gold": "1"}\n', ["--completion", "out.nope"],
+     r"^waitlens import: error: .*in\.jsonl: record 1: no completion at path 'out\.nope': missing 'nope' \(keys there: m\)$"),
+    (b'{"q": "x", "out": {"m": ["a"]}, "gold": "1"}\n{"q": "\xff"}\n', ["--completion", "out.m"],
+     r"^waitlens import: error: .*in\.jsonl:2: not UTF-8 text \(byte b'\\xff' at column 8\)$"),
+    (b'{"q": "x", "out": {"m": [{"text": "a"}]}, "gold": "1"}\n', ["--completion", "out.m"],
+     r"^waitlens import: error: .*record 1: completion at path 'out\.m' is a dict, not a string$"),
+    (b'{"q": "x", "out": {"m": ["a"]}, "gold": "1"}\n', ["--completion", "out.m", "--format", "deepseek"],
+     r"^waitlens import: error: unknown format 'deepseek'; formats: r1, s1, skyt1, qwen, chat, plain, organism$"),
+])
+def test_cli_bad_input_one_line_no_output(tmp_path, capsys, content, extra, msg):
+    """Must-show 5: each bad input is one line naming the problem, exit 2, no output file."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    out = tmp_path / "out" / "t.jsonl"
+    argv = ["import", str(src), "--out", str(out), "--prompt", "q", "--gold", "gold"]
+    if "--format" not in extra:
+        argv += ["--format", "r1"]
+    rc, err = _cli(argv + extra, capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert re.search(msg, err), err
+    assert not out.exists() and not any(p.name.startswith(".t.jsonl") for p in tmp_path.rglob("*"))
+
+
+def test_cli_import_real_file(tmp_path, capsys):
+    path = REALDATA / "traces" / "skyt1_32b_corrupt0.5_aime24.jsonl"
+    if not path.is_file():
+        pytest.skip(f"real traces not available: {path}")
+    out = tmp_path / "sky.jsonl"
+    rc, _ = _cli(["import", str(path), "--out", str(out), "--format", "skyt1", "--prompt", "question",
+                  "--completion", "code", "--gold", "gt", "--problem-id", "idx", "--model", "corrupt"], capsys)
+    assert rc == 0
+    trajs = load_trajectories(out)
+    rows = read_records(path)
+    assert [t.correct for t in trajs] == [r["score"][0] for r in rows]
+    assert trajs[0].id == "corrupt/0" and trajs[0].extra["completion"] == rows[0]["code"][0]

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from waitlens.traces.errors import WaitlensError
 from waitlens.traces.trajectory import Trajectory
 
 FORMAT_FILE = "waitlens_format.json"
@@ -236,7 +237,7 @@ def with_name(fmt: PromptFormat, **changes) -> PromptFormat:
 # \boxed{}), so each family gets a reader of its own.
 
 
-class FormatError(ValueError):
+class FormatError(WaitlensError):
     """An unknown format name or an unreadable format spec; the message names it."""
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from waitlens.traces.errors import WaitlensError
 from waitlens.traces.formats import extract_answer, get_format, parse_completion, reader_for
 from waitlens.traces.grading import grade, normalize_gold
 from waitlens.traces.trajectory import Trajectory, save_trajectories
@@ -35,7 +36,7 @@ UNFINISHED = ("keep", "drop")
 _MISSING = object()
 
 
-class ImportRecordsError(ValueError):
+class ImportRecordsError(WaitlensError):
     """Records that cannot be imported; the message names the file, record and path."""
 
 

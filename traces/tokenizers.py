@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waitlens.traces.errors import WaitlensError
 from waitlens.traces.formats import PromptFormat, Rendered, get_format, infer_format, render
 from waitlens.traces.trajectory import Trajectory
 
 
-class TokenizerLoadError(ValueError):
+class TokenizerLoadError(WaitlensError):
     """A tokenizer directory or chat-template file that cannot be used; the message names it."""
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(WaitlensError):
     """A trajectory longer than the model's context window (reported before any search)."""
 
 
