@@ -340,23 +340,33 @@ def _prepare(model, trajectory: Trajectory, prefixes, suffix, answer, include_cl
     return _Item(ids, prefixes, st, cap), rd, gold_text
 
 
-def _frame(model, trajectory: Trajectory, item: _Item, rd: Rendered, gold_text: str, suffix,
-           gold, greedy) -> pd.DataFrame:
+def _rows(model, item: _Item, rd: Rendered, gold_text: str, gold, greedy, decoded: dict | None = None) -> list[dict]:
+    """One row (CURVE_COLUMNS) per prefix; `decoded` memoises greedy-answer decoding."""
     st = item.st
     t0, t1 = rd.reasoning_tokens
+    decoded = {} if decoded is None else decoded
     rows = []
     n_reason = max(t1 - t0, 1)
+    gold_norm = normalize_answer(gold_text)
     for p, glp, gr in zip(item.prefixes, gold, greedy, strict=True):
-        toks = [t for t, _ in gr if t not in st.stop]
+        toks = tuple(t for t, _ in gr if t not in st.stop)
         top_lp = float(sum(lp for t, lp in gr if t not in st.stop)) if toks else float(gr[0][1])
-        text = model.tokenizer.decode(toks).strip() if toks else ""
-        is_gold = toks == st.answer or (bool(text) and normalize_answer(text) == normalize_answer(gold_text))
+        if toks not in decoded:
+            text = model.tokenizer.decode(list(toks)).strip() if toks else ""
+            decoded[toks] = (text, normalize_answer(text) if text else "")
+        text, norm = decoded[toks]
+        is_gold = list(toks) == st.answer or (bool(text) and norm == gold_norm)
         rows.append({"prefix": p, "rel_prefix": p - t0, "frac": (p - t0) / n_reason,
                      "gold_logprob": float(glp), "gold_prob": float(np.exp(glp)), "top_answer": text,
                      "top_logprob": top_lp, "top_prob": float(np.exp(top_lp)), "top_is_gold": bool(is_gold)})
-    df = pd.DataFrame(rows, columns=CURVE_COLUMNS)
+    return rows
+
+
+def _frame(model, trajectory: Trajectory, item: _Item, rd: Rendered, gold_text: str, suffix,
+           gold, greedy) -> pd.DataFrame:
+    df = pd.DataFrame(_rows(model, item, rd, gold_text, gold, greedy), columns=CURVE_COLUMNS)
     df.attrs.update({"trajectory_id": trajectory.id, "suffix": forcing_suffix(model, suffix),
-                     "n_answer_tokens": len(st.answer), "reasoning_tokens": (t0, t1)})
+                     "n_answer_tokens": len(item.st.answer), "reasoning_tokens": rd.reasoning_tokens})
     return df
 
 
@@ -438,13 +448,12 @@ def answer_curves(
             bar.update(len(group))
     if bar is not None:
         bar.close()
-    frames = []
+    rows, decoded = [], {}
     for traj, (item, rd, gold_text), (gold, greedy) in zip(trajectories, jobs, results, strict=True):
-        df = _frame(model, traj, item, rd, gold_text, suffix, gold, greedy)
-        df.insert(0, "trajectory_id", traj.id)
-        df.insert(1, "problem_id", traj.problem_id)
-        df.insert(2, "correct", traj.correct)
-        df.insert(3, "gold", traj.gold)
-        df["n_reasoning_tokens"] = rd.reasoning_tokens[1] - rd.reasoning_tokens[0]
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+        head = {"trajectory_id": traj.id, "problem_id": traj.problem_id, "correct": traj.correct,
+                "gold": traj.gold}
+        n = rd.reasoning_tokens[1] - rd.reasoning_tokens[0]
+        rows += [{**head, **r, "n_reasoning_tokens": n} for r in _rows(model, item, rd, gold_text, gold, greedy,
+                                                                        decoded)]
+    cols = ["trajectory_id", "problem_id", "correct", "gold", *CURVE_COLUMNS, "n_reasoning_tokens"]
+    return pd.DataFrame(rows, columns=cols)
