@@ -44,6 +44,28 @@ def import_vllm():
     return vllm
 
 
+def _check_cpu_head_size(spec: str, path: Path) -> None:
+    """On a CPU, vLLM's attention kernel serves only some head sizes; it would fail at the first
+    generation inside its engine process (a generic "EngineCore encountered an issue"): say so now."""
+    import json
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = list(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # another vLLM layout: let vLLM decide
+        return
+    cfg = json.loads((path / "config.json").read_text())
+    head = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // max(cfg.get("num_attention_heads", 1), 1))
+    if head and head not in sizes:
+        raise EngineError(f"vLLM cannot serve {spec} on a CPU: its attention head size is {head}, and vLLM's CPU "
+                          f"attention supports {', '.join(map(str, sizes))}; use --engine hf")
+
+
 class VLLMEngine:
     """A vLLM `LLM` over a local HF directory (a GGUF spec is converted once and cached)."""
 
@@ -67,6 +89,7 @@ class VLLMEngine:
             self.format = load_format(self.path) or infer_format(self.tokenizer)
         else:
             self.format = get_format(format, self.tokenizer)
+        _check_cpu_head_size(self.spec, self.path)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is larger
         kwargs = dict(model=str(self.path), skip_tokenizer_init=True, dtype=dtype, seed=int(seed),
                       tensor_parallel_size=int(tensor_parallel_size),
@@ -95,7 +118,10 @@ class VLLMEngine:
             top_p=1.0 if greedy else float(sampling.top_p), top_k=0,
             seed=int(sampling.seed) * 1_000_003 + i, stop_token_ids=[eos] if eos is not None else None,
             detokenize=False, skip_special_tokens=False) for i, b in enumerate(budgets)]
-        outs = self.llm.generate(prompts, params, use_tqdm=progress)
+        try:
+            outs = self.llm.generate(prompts, params, use_tqdm=progress)
+        except Exception as e:
+            raise EngineError(f"vLLM failed while sampling from {self.spec}: {_one_line(e)}") from None
         result = []
         for o, b in zip(outs, budgets, strict=True):
             ids = list(o.outputs[0].token_ids)[:b]

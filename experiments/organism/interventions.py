@@ -61,6 +61,9 @@ def truth_check(original: Trajectory, rerun: Trajectory) -> dict[str, Any]:
     word_idx = {len(rerun.reasoning[:o].split()) for o in offsets}
     forced = [w for w in after.get("waits", []) if w.get("word") in word_idx]
     w = forced[0] if forced else {}
+    steps = after.get("steps", [])
+    k = next((i for i, st in enumerate(steps) if st.get("kind") == "wait" and st.get("word") == w.get("word")), None)
+    after_recheck = bool(k) and steps[k - 1].get("kind") in ("wait", "alternatively")
     tb, ta = _right(before, original.gold), _right(after, rerun.gold)
     gb, ga = bool(original.correct), bool(rerun.correct)
 
@@ -74,12 +77,18 @@ def truth_check(original: Trajectory, rerun: Trajectory) -> dict[str, Any]:
         "forced_found": bool(forced), "forced_rechecked": bool(w.get("rechecked", False)),
         "forced_after_slip": w.get("after_slip"), "forced_recheck_correct": w.get("recheck_correct"),
         "forced_changed_answer": w.get("changed_answer"),
+        # the word follows a recheck (never in the training traces): the step it re-checks is the recheck
+        "forced_after_recheck": after_recheck,
     }
 
 
 def mechanism(check: dict[str, Any]) -> str:
     """Which planted behaviour a change came from (for fixes and breaks; else "-")."""
     c = check["graded_change"]
+    if check["malformed_after"] and c == "break":
+        return "re-run malformed"
+    if c in ("fix", "break") and check.get("forced_after_recheck"):
+        return "wait after a recheck: the operation applied again"
     if c == "fix":
         if check["forced_after_slip"] and check["forced_recheck_correct"]:
             return "slip re-checked to the right value"
@@ -87,7 +96,5 @@ def mechanism(check: dict[str, Any]) -> str:
     if c == "break":
         if check["forced_after_slip"] is False and check["forced_recheck_correct"] is False:
             return "correct step re-checked to a wrong value"
-        if check["malformed_after"]:
-            return "re-run malformed"
         return "other"
     return "-"
