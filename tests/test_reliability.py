@@ -155,7 +155,9 @@ def test_2_a_lost_trajectory_file_reruns_the_stage_instead_of_using_a_third_of_t
 
 # -- 3. a resumed capture refuses other weights or another compute dtype ---------------------
 def _kill_after(monkeypatch, n_shards: int):
-    import waitlens.hooks.capture as capture_mod
+    import importlib
+
+    capture_mod = importlib.import_module("waitlens.hooks.capture")  # the module (hooks.capture is a function)
 
     real = capture_mod.write_shard
     calls = {"n": 0}

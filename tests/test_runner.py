@@ -79,7 +79,9 @@ def test_killed_capture_resumes_and_matches(study, monkeypatch):
     root, cfg = study
     clean = run_study(cfg, study_stages(), runs_root=root / "clean", quiet=True)
 
-    import waitlens.hooks.capture as capture_mod
+    import importlib
+
+    capture_mod = importlib.import_module("waitlens.hooks.capture")  # the module (hooks.capture is a function)
 
     real = capture_mod.write_shard
     calls = {"n": 0}
