@@ -134,6 +134,7 @@ class StudyConfig:
     lexicon: list[str] = field(default_factory=lambda: ["wait", "so", "therefore", "alternatively", "hmm", "but", "check", "verify"])
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     device: str | None = None
+    device_map: str | dict | None = None  # Accelerate placement of every model ("auto", or module -> device)
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)

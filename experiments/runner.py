@@ -88,7 +88,7 @@ class RunContext:
             m = self.cfg.models[name]
             self.log(f"loading model {name} = {m.spec}")
             self._models[name] = load_model(m.spec, device=self.cfg.device, dtype=m.dtype,
-                                            revision=m.revision, format=m.format)
+                                            revision=m.revision, format=m.format, device_map=self.cfg.device_map)
         return self._models[name]
 
     def stage_dir(self, stage: str) -> Path:

@@ -102,7 +102,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the input embedding's device (the first one of a split model)."""
+        w = getattr(self.hf.get_input_embeddings(), "weight", None)
+        if w is not None and w.device.type != "meta":
+            return w.device
+        hook = getattr(self.hf.get_input_embeddings(), "_hf_hook", None)  # Accelerate offload
+        dev = getattr(hook, "execution_device", None)
+        return torch.device(dev) if dev is not None else next(self.hf.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -200,6 +206,7 @@ def load_model(
     tokenizer: str | os.PathLike | None = None,
     chat_template: str | os.PathLike | None = None,
     bpe: str | os.PathLike | None = None,
+    device_map: str | dict | None = None,
 ):
     """Load a causal LM from a spec.
 
@@ -212,6 +219,9 @@ def load_model(
     (`traces.tokenizers.load_tokenizer`) used instead of the model's own. With spec None, no
     weights are loaded: the result is a `traces.tokenizers.TokenizerModel` (positions and token
     counts with a real model's exact tokenization).
+    device_map: place the model across devices with Accelerate instead of on `device`
+    (``"auto"``, or module name -> ``"cuda:1"``/``"cpu"``/``"disk"``; disk offload goes to a
+    temporary folder); forwards start on the input embedding's device (`LoadedModel.device`).
     """
     if spec is None or str(spec) == "":
         from waitlens.traces.tokenizers import tokenizer_model
@@ -225,11 +235,12 @@ def load_model(
     path = _resolve_spec(spec)
     if path is not None and path.suffix == ".gguf":
         path = _gguf_to_dir(path)
+    placement = _placement(device_map)
     if path is not None:
-        hf, tok = _load_dir(path, torch_dtype, spec)
+        hf, tok = _load_dir(path, torch_dtype, spec, **placement)
         source = path
     else:
-        hf, tok = _load_hub(spec, torch_dtype, revision)
+        hf, tok = _load_hub(spec, torch_dtype, revision, **placement)
         source = None
     if tokenizer is not None or chat_template is not None:
         from waitlens.traces.tokenizers import load_tokenizer as load_tokenizer_dir
@@ -237,7 +248,9 @@ def load_model(
         if tokenizer is None and source is None:
             raise ModelLoadError(f"{spec}: a chat template without a local tokenizer directory (tokenizer=DIR)")
         tok = load_tokenizer_dir(tokenizer if tokenizer is not None else source, chat_template, bpe=bpe)
-    hf.to(device).eval()
+    if device_map is None:
+        hf.to(device)
+    hf.eval()
     if format is None:
         fmt = (load_format(source) if source is not None else None) or infer_format(tok)
     else:
@@ -271,7 +284,19 @@ def _resolve_spec(spec: str) -> Path | None:
     return None
 
 
-def _load_dir(path: Path, torch_dtype: torch.dtype, spec: str):
+def _placement(device_map) -> dict:
+    """from_pretrained keywords for a device_map (none without one)."""
+    if device_map is None:
+        return {}
+    if not isinstance(device_map, (str, dict)):
+        raise ModelLoadError(f"device_map must be a string such as 'auto' or a dict, got {device_map!r}")
+    out: dict = {"device_map": device_map}
+    if device_map == "auto" or (isinstance(device_map, dict) and "disk" in device_map.values()):
+        out["offload_folder"] = tempfile.mkdtemp(prefix="waitlens-offload-")
+    return out
+
+
+def _load_dir(path: Path, torch_dtype: torch.dtype, spec: str, **placement):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not path.is_dir():
@@ -283,11 +308,12 @@ def _load_dir(path: Path, torch_dtype: torch.dtype, spec: str):
     try:
         config = AutoConfig.from_pretrained(path)
         try:
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa",
+                                                      **placement)
         except ValueError as e:
             if "sdpa" not in str(e).lower():
                 raise ModelLoadError(f"{spec}: cannot load {config.model_type!r} as a causal LM ({e})") from None
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement)
         return hf, load_tokenizer(path)
     except (OSError, SafetensorError) as e:  # missing or truncated weights/tokenizer files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -314,12 +340,13 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _load_hub(name: str, torch_dtype: torch.dtype, revision: str | None):
+def _load_hub(name: str, torch_dtype: torch.dtype, revision: str | None, **placement):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision)
-        hf = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype, attn_implementation="sdpa")
+        hf = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype, attn_implementation="sdpa",
+                                                  **placement)
     except OSError as e:
         raise ModelLoadError(
             f"cannot load {name!r}: it is not a local path, and loading it from the Hugging Face hub "

@@ -95,3 +95,52 @@ def test_smollm2_from_gguf(smollm2):
     assert smollm2.tokenizer("Wait", add_special_tokens=False).input_ids == [33359]
     with pytest.raises(ContextLengthError, match="more than the context"):
         smollm2.check_length(smollm2.n_ctx + 1, "long")
+
+
+# -- a model split across devices (Accelerate device_map) ---------------------------------------
+def _organism_trajs(n=6):
+    from waitlens.experiments.organism.task import TRACE_CORPUS, make_trace, random_problem
+    from waitlens.traces import Trajectory
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        prob = random_problem(rng, split="eval")
+        reasoning, answer, _ = make_trace(prob, TRACE_CORPUS, rng)
+        out.append(Trajectory(id=f"o{i}", problem_id=prob.id, prompt=prob.prompt, reasoning=reasoning,
+                              answer=answer, gold=prob.gold, correct=answer == prob.gold))
+    return out
+
+
+def test_device_map_split_across_two_devices():
+    """The organism with its first half of blocks on the CPU and the second half offloaded to
+    disk (Accelerate streams them in per forward, its own hooks around each block): capture,
+    log-probs and a patching hook give what the one-device model gives (1e-5)."""
+    from waitlens.hooks import capture
+    from waitlens.hooks.logprobs import token_logprobs_batch
+    from waitlens.traces import control_positions, find_positions
+
+    ref = load_model("organism:post-large", device="cpu", dtype="float32")
+    n = ref.n_layers
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    dm |= {f"model.layers.{i}": "cpu" if i < n // 2 else "disk" for i in range(n)}
+    split = load_model("organism:post-large", device_map=dm, dtype="float32")
+    assert set(split.hf.hf_device_map.values()) == {"cpu", "disk"} and split.device == torch.device("cpu")
+    assert any(p.device.type == "meta" for p in split.blocks[n - 1].parameters())  # really offloaded
+    trajs = _organism_trajs()
+    pos = find_positions(ref, trajs, ["wait", "so", "therefore"])
+    pos = pos.concat(control_positions(ref, trajs, pos, seed=0))
+    a, b = capture(ref, trajs, pos, batch_size=3), capture(split, trajs, pos, batch_size=3)
+    assert len(a) > 10 and (a.states - b.states).abs().max().item() <= 1e-5
+    for x, y in zip(token_logprobs_batch(ref, trajs), token_logprobs_batch(split, trajs), strict=True):
+        np.testing.assert_allclose(x["logprob"], y["logprob"], atol=1e-5, rtol=0)
+    ids = ref.tokenize(trajs[0])[None]
+    swap = {f"blocks.{n - 1}.hook_resid_pre": lambda h: h.flip(1)}  # a patch on an offloaded block
+    with torch.inference_mode():
+        with residual_hooks(ref, swap):
+            want = ref.hf(ids).logits
+        with residual_hooks(split, swap):
+            got = split.hf(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ModelLoadError, match="device_map must be"):
+        load_model("organism:post-large", device_map=3)
