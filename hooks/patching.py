@@ -187,7 +187,7 @@ def _clean_target(target, case: PatchCase, layers, positions, reads: Reads):
         out = decoder_of(target)(input_ids=x, use_cache=True)
     h = out.last_hidden_state[0, reads.positions]
     lp = torch.log_softmax(lm_head_of(target)(h).float(), -1)
-    return lp, out.past_key_values, torch.stack([states[layer] for layer in layers])
+    return lp, out.cache, torch.stack([states[layer] for layer in layers])
 
 
 def _cropped_cache(cache, p: int, batch: int, config):
@@ -220,7 +220,7 @@ def _tail_rows(target, seq: Sequence[int], p: int, rows: list[tuple[int, Tensor]
             return h
         fns[hook_name(layer, "resid_pre")] = fn
     if start:
-        kwargs = dict(past_key_values=_cropped_cache(cache, p, B, target.hf.config), use_cache=True)
+        kwargs = dict(cache=_cropped_cache(cache, p, B, target.hf.config), use_cache=True)
     else:
         kwargs = dict(use_cache=False)
     with residual_hooks(target, fns):

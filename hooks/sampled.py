@@ -65,11 +65,11 @@ def _greedy_batch(model, prefix: Sequence[int], patches: list[list[tuple[int, in
     x = torch.tensor([list(prefix)] * n, dtype=torch.long, device=model.device)
     with residual_hooks(model, {hook_name(layer, "resid_pre"): make(layer) for layer in by_layer}):
         out = model.hf(input_ids=x, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+    past, nxt = out.cache, out.logits[:, -1].argmax(-1)
     toks = [nxt]
     for _ in range(max_new_tokens - 1):
-        out = model.hf(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        out = model.hf(input_ids=nxt[:, None], cache=past, use_cache=True)
+        past, nxt = out.cache, out.logits[:, -1].argmax(-1)
         toks.append(nxt)
     return torch.stack(toks, 1).tolist()
 
