@@ -160,22 +160,62 @@ def file_facts(path: Path) -> dict[str, Any]:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: each file hashed once per process
+_DIGESTS: dict[str, str] = {}  # "path|size|mtime_ns" -> sha256 (also kept in <cache>/sha256.json)
+_HEX64 = frozenset("0123456789abcdef")
+_REMEMBER_BYTES = 256 << 20  # files this large have their sha256 kept across processes
+
+
+def _file_digest(f: Path) -> str:
+    """sha256 of a weight file: free for a hub-cache blob (named by its sha256), else computed once
+    per file version and remembered in ``<waitlens cache>/sha256.json`` (a 32B model is 64 GB)."""
+    real = f.resolve()
+    if len(real.name) == 64 and set(real.name) <= _HEX64 and real.parent.name == "blobs":
+        return real.name
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    if st.st_size < _REMEMBER_BYTES:  # cheap to hash again: not worth a line in the book
+        _DIGESTS[key] = sha256_file(real)
+        return _DIGESTS[key]
+    from waitlens.hooks.models import cache_dir
+
+    book = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(book.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = sha256_file(real)
+        try:
+            book.parent.mkdir(parents=True, exist_ok=True)
+            write_json(book, known)
+        except OSError:  # a read-only cache: remember it for this process only
+            pass
+    _DIGESTS[key] = known[key]
+    return known[key]
+
+
+def _weight_files(model) -> list[Path]:
+    source = getattr(model, "source_dir", None)
+    if source is None:  # a hub model: its snapshot in the local hub cache, if there
+        try:
+            from huggingface_hub import snapshot_download
+
+            source = snapshot_download(model.spec, revision=getattr(model, "revision", None), local_files_only=True)
+        except Exception:  # not cached, or not a hub id: fall back to the parameters
+            return []
+    return sorted(p for p in Path(source).iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
 def weights_sha256(model) -> str:
-    """A sha256 naming the model's weights: over its weight files (name + sha256 of each) when it
-    was loaded from a local directory, else over its parameters and buffers as loaded."""
-    source = getattr(model, "source_dir", None)
-    files = sorted(p for p in Path(source).iterdir() if p.suffix in WEIGHT_SUFFIXES) if source else []
+    """A sha256 naming the model's weights: over its weight files (name + sha256 of each) when they
+    are on disk (a local directory, the hub cache), else over its parameters and buffers as loaded."""
+    files = _weight_files(model)
     h = hashlib.sha256()
     if files:
         for f in files:
-            st = f.stat()
-            key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
-            if key not in _DIGESTS:
-                _DIGESTS[key] = sha256_file(f)
-            h.update(f.name.encode() + b"\0" + _DIGESTS[key].encode() + b"\n")
+            h.update(f.name.encode() + b"\0" + _file_digest(f).encode() + b"\n")
         return h.hexdigest()
     for name, t in model.hf.state_dict().items():
         h.update(name.encode() + b"\0" + str(t.dtype).encode())
