@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False) or getattr(args, "debug_all", False):
+            raise
+        print(f"waitlens {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
     except Exception as e:
         if getattr(args, "debug", False) or getattr(args, "debug_all", False) or not _user_error(e):
             raise
