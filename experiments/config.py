@@ -342,6 +342,11 @@ def check_value_types(cfg: StudyConfig, source: str) -> None:
     dup = sorted({s for s in cfg.stages if cfg.stages.count(s) > 1})
     if dup:
         raise ConfigError(f"{source}: stages lists {dup[0]!r} twice")
+    lexicon = {" ".join(w.lower().split()) for w in cfg.lexicon}
+    unknown = [w for w in cfg.probes.words if w not in ("all", "<control>") and w.lower() not in lexicon]
+    if unknown:  # found now, not after capture
+        raise ConfigError(f"{source}: probes.words has {unknown[0]!r}, which is not in lexicon "
+                          f"({', '.join(cfg.lexicon)}); use lexicon words or 'all'")
 
 
 def _all_values(cfg: StudyConfig):
