@@ -3,7 +3,9 @@
 With no config, the organism study that ships with waitlens. Every stage writes into
 runs/<name>/<stage>/ under the current directory, with runs/<name>/manifest.json recording
 the config, models, versions and the wall time of each stage. Re-running skips finished
-stages; an interrupted capture resumes shard by shard.
+stages (a stage whose config keys or files changed reruns); an interrupted capture resumes
+shard by shard. One run at a time per run directory: a second one exits 2 ("in use by pid N").
+The config's `name` is a plain name (no '/' or '..'): the run lives in <runs>/<name>.
 """
 
 from __future__ import annotations
