@@ -96,8 +96,15 @@ def test_a_model_vllm_cannot_serve_is_one_line(tmp_path):
 
     if not torch.cuda.is_available():
         assert "head size is 24" in msg
-    (tmp_path / "config.json").write_text('{"model_type": "no-such-arch", "architectures": ["NoSuchForCausalLM"]}')
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises((EngineError, ValueError)) as e:
+    import shutil
+
+    from waitlens.hooks.models import _gguf_to_dir, smollm2_gguf
+
+    src = _gguf_to_dir(smollm2_gguf())  # a real tokenizer, an architecture nobody serves
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["NoSuchForCausalLM"], '
+                                          '"hidden_size": 64, "num_attention_heads": 2}')
+    with pytest.raises(EngineError) as e:
         VLLMEngine(str(tmp_path))
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"vLLM cannot serve {tmp_path}")

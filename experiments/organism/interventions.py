@@ -7,7 +7,9 @@ a ``wait`` recheck). The ground truth of the re-run says whether that step was a
 changed the running value (`changed_answer`). `truth_change` derives the change from the ground
 truth alone (the true final value against gold, before and after), so it can be checked against
 the graded change, and `mechanism` says which planted behaviour each change came from: a fix
-is a slip re-checked correctly, a break a correct step "re-checked" to a wrong value.
+is a slip re-checked correctly, a break a correct step "re-checked" to a wrong value, or the
+word taken as a hesitation: the model goes on and applies the last operation again (what the
+vigilant models learned a "wait" after a correct step means).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from waitlens.experiments.organism.sample import add_truth
-from waitlens.experiments.organism.task import SEPARATORS, Problem, analyze
+from waitlens.experiments.organism.task import SEPARATORS, Problem, analyze, apply
 from waitlens.traces.trajectory import Trajectory
 
 CONNECTIVES = (*SEPARATORS, "wait", "alternatively")
@@ -64,6 +66,13 @@ def truth_check(original: Trajectory, rerun: Trajectory) -> dict[str, Any]:
     steps = after.get("steps", [])
     k = next((i for i, st in enumerate(steps) if st.get("kind") == "wait" and st.get("word") == w.get("word")), None)
     after_recheck = bool(k) and steps[k - 1].get("kind") in ("wait", "alternatively")
+    # the step after the word applies the operation to the running value again (a "next step"
+    # past the end, as after a hesitation), instead of re-checking the step before it
+    applied_again = False
+    if k is not None:
+        st = steps[k]
+        op, b = problem.ops[st["step"]]
+        applied_again = bool(st.get("wrong_operands")) and st["value"] == apply(st["before"], op, b)
     tb, ta = _right(before, original.gold), _right(after, rerun.gold)
     gb, ga = bool(original.correct), bool(rerun.correct)
 
@@ -79,6 +88,7 @@ def truth_check(original: Trajectory, rerun: Trajectory) -> dict[str, Any]:
         "forced_changed_answer": w.get("changed_answer"),
         # the word follows a recheck (never in the training traces): the step it re-checks is the recheck
         "forced_after_recheck": after_recheck,
+        "forced_applied_again": applied_again,
     }
 
 
@@ -87,8 +97,8 @@ def mechanism(check: dict[str, Any]) -> str:
     c = check["graded_change"]
     if check["malformed_after"] and c == "break":
         return "re-run malformed"
-    if c in ("fix", "break") and check.get("forced_after_recheck"):
-        return "wait after a recheck: the operation applied again"
+    if c in ("fix", "break") and check.get("forced_applied_again"):
+        return "went on: the last operation applied again to the running value"
     if c == "fix":
         if check["forced_after_slip"] and check["forced_recheck_correct"]:
             return "slip re-checked to the right value"
