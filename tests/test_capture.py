@@ -366,7 +366,7 @@ def test_cli_errors_are_one_clear_line(tiny_qwen_dir, trajs, tmp_path, capsys):
 def test_in_memory_capture_equals_store(tiny_model, trajs, positions, tmp_path):
     """`capture` (a notebook's run_with_cache) holds exactly what the store holds, same rows."""
     import waitlens as wl
-    from waitlens.hooks import capture
+    from waitlens.hooks.capture import capture
 
     store = capture_residuals(tiny_model, trajs, positions, tmp_path / "s", layers="0,2", batch_size=4,
                               shard_size=100, progress=False)  # one shard: the very same batches

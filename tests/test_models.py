@@ -116,7 +116,7 @@ def test_device_map_split_across_two_devices():
     """The organism with its first half of blocks on the CPU and the second half offloaded to
     disk (Accelerate streams them in per forward, its own hooks around each block): capture,
     log-probs and a patching hook give what the one-device model gives (1e-5)."""
-    from waitlens.hooks import capture
+    from waitlens.hooks.capture import capture
     from waitlens.hooks.logprobs import token_logprobs_batch
     from waitlens.traces import control_positions, find_positions
 

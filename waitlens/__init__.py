@@ -27,7 +27,7 @@ _VERBS = {
     "Positions": "waitlens.traces",
     "load_model": "waitlens.hooks",
     "LoadedModel": "waitlens.hooks",
-    "capture": "waitlens.hooks",
+    "capture": "waitlens.hooks.capture",
     "capture_residuals": "waitlens.hooks",
     "write_store": "waitlens.hooks",
     "open_store": "waitlens.hooks",
