@@ -271,9 +271,16 @@ def _patch_case(source, target, case: PatchCase, layers, window, metrics: list[P
         todo = [(li, layer) for li, layer in enumerate(layers)
                 if not (skip_identical and torch.equal(src[li, k], tgt[li, k]))]
         lookups = {layer: clean_lookup for layer in layers}  # identical states: the clean run
-        n_before = sum(1 for q in reads.positions if q < p)
-        sel = reads.positions[n_before:]
-        live = [b for b in branch_reads if forks[b] > p]  # a branch that leaves before p is not patched
+        # only what this position's cells read: the trajectory after p, and the branches that
+        # leave the trajectory after p (one that leaves before p is not patched)
+        need = [r for local in range(len(cells[p])) for rs in plan[(p, local)] for r in (rs or ())]
+        sel = sorted({r.position for r in need if r.branch is None and r.position >= p})
+        at = {q: i for i, q in enumerate(sel)}
+        live: dict[tuple, list[int]] = {}
+        for r in need:
+            if r.branch is not None and forks[r.branch] > p:
+                live.setdefault(r.branch, set()).add(r.position)
+        live = {b: sorted(ps) for b, ps in live.items()}
         for b0 in range(0, len(todo), batch_size):
             chunk = todo[b0:b0 + batch_size]
             rows = [(layer, src[li, k]) for li, layer in chunk]
@@ -281,18 +288,19 @@ def _patch_case(source, target, case: PatchCase, layers, window, metrics: list[P
             cost["tail_rows"] += len(chunk)
             cost["tail_token_fraction"] += len(chunk) * (T - p if use_cache else T) / T
             br_rows = {}
-            for b in live:
-                br_rows[b] = _tail_rows(target, b, p, rows, branch_reads[b].positions, cache, use_cache)
+            for b, ps in live.items():
+                br_rows[b] = (_tail_rows(target, b, p, rows, ps, cache, use_cache), {q: i for i, q in enumerate(ps)})
                 cost["branch_rows"] += len(chunk)
             for j, (_li, layer) in enumerate(chunk):
-                def lookup(r: Read, j=j, lp_rows=lp_rows, br_rows=br_rows, p=p, n_before=n_before) -> Tensor:
+                def lookup(r: Read, j=j, lp_rows=lp_rows, br_rows=br_rows, p=p, at=at) -> Tensor:
                     if r.branch is None:
                         if r.position < p:
                             return clean_lp[reads.index[r.position]]
-                        return lp_rows[j, reads.index[r.position] - n_before]
+                        return lp_rows[j, at[r.position]]
                     if r.branch not in br_rows:
                         return clean_lookup(r)
-                    return br_rows[r.branch][j, branch_reads[r.branch].index[r.position]]
+                    lp_b, at_b = br_rows[r.branch]
+                    return lp_b[j, at_b[r.position]]
                 lookups[layer] = lookup
         for local, (ai, rel) in enumerate(cells[p]):
             a = case.anchors[ai]
