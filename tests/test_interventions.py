@@ -162,7 +162,7 @@ def test_forced_wait_recovers_the_organism_ground_truth(organism_pair, tmp_path)
     assert pl["break_rate"][0] < sft["break_rate"][0]  # sft-1k changes values blindly
     fixes = pl["mechanisms"]["fix"]  # post-large fixes what it re-checks: slips
     assert fixes.get("slip re-checked to the right value", 0) >= 0.7 * pl["n_fixed"]
-    assert fixes.get("other", 0) <= 0.1 * pl["n_fixed"]
+    assert fixes.get("other", 0) <= 0.2 * pl["n_fixed"]
     assert pl["fix_rate_when_rechecking_a_slip"][1] > sft["fix_rate_when_rechecking_a_slip"][2]
     rates = pd.read_csv(tmp_path / "rates.csv")
     assert set(rates["metric"]) >= {"fix_rate", "break_rate", "unchanged", "delta_accuracy"}
