@@ -109,10 +109,18 @@ def _resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray 
     k = len(uniq)
     if k < 2:
         return None
-    rng = np.random.default_rng(seed)
-    picks = np.stack([rng.integers(0, k, k) for _ in range(n_boot)])
-    counts = np.bincount((picks + k * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * k)
-    return counts.reshape(n_boot, k)[:, inverse].astype(float)
+    key = (inverse.tobytes(), k, n_boot, seed)  # the same for every key of one token table
+    if key not in _WEIGHTS:
+        rng = np.random.default_rng(seed)
+        picks = np.stack([rng.integers(0, k, k) for _ in range(n_boot)])
+        counts = np.bincount((picks + k * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * k)
+        _WEIGHTS.clear()  # keep one: tables are built one model at a time
+        _WEIGHTS[key] = counts.reshape(n_boot, k)[:, inverse].astype(float)
+        _WEIGHTS[key].flags.writeable = False
+    return _WEIGHTS[key]
+
+
+_WEIGHTS: dict[tuple, np.ndarray] = {}
 
 
 def _weighted_auroc(w: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
