@@ -41,11 +41,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
 
-    from waitlens.experiments.problems import arithmetic_problems
     from waitlens.hooks.generate import HFEngine
     from waitlens.hooks.models import load_model
     from waitlens.hooks.vllm_engine import VLLMEngine
-    from waitlens.traces.formats import render_head
 
     t0 = time.perf_counter()
     hf = HFEngine(load_model(args.model, device="cpu", dtype="float32"))
@@ -53,30 +51,42 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     vl = VLLMEngine(args.model, dtype="float32", seed=args.seed)
     t_vl = time.perf_counter() - t0
-    problems = arithmetic_problems(args.prompts, args.seed)
+    out = compare(hf, vl, prompts=args.prompts, new_tokens=args.new_tokens, temperature=args.temperature,
+                  repeats=args.repeats, seed=args.seed, model=args.model)
+    out["load_s"] = {"hf": t_hf, "vllm": t_vl}
+    print(f"(load: HF {t_hf:.0f} s, vLLM {t_vl:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return out
+
+
+def compare(hf, vl, *, prompts: int = 32, new_tokens: int = 256, temperature: float = 0.7, repeats: int = 1,
+            seed: int = 0, model: str = "") -> dict:
+    """Both engines on the same prompts, alternating; medians and the vLLM/HF ratios."""
+    from waitlens.experiments.problems import arithmetic_problems
+    from waitlens.traces.formats import render_head
+
+    problems = arithmetic_problems(prompts, seed)
     heads = [render_head(hf.tokenizer, p["prompt"], hf.format) for p in problems]
     for e in (hf, vl):  # warm-up: first-call costs (allocation, vLLM's graph) are not sampling
-        measure(e, heads[:2], new_tokens=4, temperature=args.temperature, seed=args.seed)
+        measure(e, heads[:2], new_tokens=4, temperature=temperature, seed=seed)
     runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
-    for r in range(args.repeats):
+    for r in range(repeats):
         for name, e in (("hf", hf), ("vllm", vl)):
-            runs[name].append(measure(e, heads, new_tokens=args.new_tokens, temperature=args.temperature,
-                                      seed=args.seed + r))
+            runs[name].append(measure(e, heads, new_tokens=new_tokens, temperature=temperature, seed=seed + r))
             m = runs[name][-1]
             print(f"round {r + 1} {name:4s}: {m['useful_tokens']} useful tokens in {m['wall_s']:.1f} s "
                   f"= {m['tokens_per_s']:.1f} tok/s ({m['finished']}/{len(heads)} reached eos)", flush=True)
     med = {k: {f: statistics.median(x[f] for x in v) for f in ("wall_s", "tokens_per_s", "useful_tokens")}
            for k, v in runs.items()}
     ratio = med["vllm"]["tokens_per_s"] / med["hf"]["tokens_per_s"]
-    out = {"model": args.model, "prompts": args.prompts, "new_tokens": args.new_tokens,
-           "temperature": args.temperature, "load_s": {"hf": t_hf, "vllm": t_vl}, "median": med,
-           "ratio_tokens_per_s": ratio, "ratio_wall": med["hf"]["wall_s"] / med["vllm"]["wall_s"], "runs": runs}
-    print(f"{args.model}, {args.prompts} prompts x {args.new_tokens} new tokens, T={args.temperature}: "
+    out = {"model": model, "prompts": prompts, "new_tokens": new_tokens, "temperature": temperature,
+           "median": med, "ratio_tokens_per_s": ratio, "ratio_wall": med["hf"]["wall_s"] / med["vllm"]["wall_s"],
+           "runs": runs}
+    print(f"{model}, {prompts} prompts x {new_tokens} new tokens, T={temperature}: "
           f"HF {med['hf']['tokens_per_s']:.1f} tok/s, vLLM {med['vllm']['tokens_per_s']:.1f} tok/s -> "
-          f"vLLM/HF {ratio:.2f}x tokens/s, {out['ratio_wall']:.2f}x wall (load: HF {t_hf:.0f} s, vLLM {t_vl:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+          f"vLLM/HF {ratio:.2f}x tokens/s, {out['ratio_wall']:.2f}x wall", flush=True)
     return out
 
 
