@@ -33,10 +33,18 @@ class ConfigError(WaitlensError):
 
 @dataclass
 class ModelSpec:
-    spec: str
+    spec: str = ""  # "" with a tokenizer: a model without weights (positions and token counts only)
     format: str | dict | None = None  # prompt-format preset name or fields; None: the model's own
     dtype: str = "auto"
     revision: str | None = None
+    tokenizer: str | None = None  # a tokenizer directory (relative: to the config file, cwd or repo root)
+    chat_template: str | None = None  # a .jinja chat template file
+    bpe: str | None = None  # the Qwen2 BPE directory, for an R1-distill tokenizer config without vocabulary
+    trajectories: dict | None = None  # this model's [trajectories] keys (path, fields, format, ...)
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.spec)
 
 
 @dataclass
@@ -60,6 +68,9 @@ class TrajectoryConfig:
     extend_word: str = "Wait"  # ... with this word ("wait" where the tokenizer lacks it, e.g. the organism)
     tensor_parallel_size: int = 1  # vllm only: GPUs per model
     gpu_memory_utilization: float = 0.9  # vllm only: fraction of GPU memory for weights + KV cache
+    format: str | None = None  # jsonl/hf: records read by this format family (r1, s1, skyt1, ...), fields
+    #   mapping prompt/completion/gold/... to dotted paths (traces.import_records); None: trajectory JSONL
+    unfinished: str = "keep"  # imported completions that never close their reasoning: keep | drop
 
 
 @dataclass
@@ -76,6 +87,7 @@ class CaptureConfig:
 class TokensConfig:
     min_count: int = 5
     n_boot: int = 500
+    compare: list[list[str]] = field(default_factory=list)  # groups of models sharing problems (default: all)
 
 
 @dataclass
@@ -217,8 +229,12 @@ def _parse_models(value, source) -> dict[str, ModelSpec]:
             out[name] = ModelSpec(spec=v)
         elif isinstance(v, dict):
             _check_keys(v, {f.name for f in fields(ModelSpec)}, source, f"models.{name}.")
-            if "spec" not in v:
-                raise ConfigError(f"{source}: models.{name} needs a 'spec' (hub id, path, or family:variant)")
+            if "spec" not in v and "tokenizer" not in v:
+                raise ConfigError(f"{source}: models.{name} needs a 'spec' (hub id, path, or family:variant) "
+                                  "or a 'tokenizer' directory (no weights)")
+            if isinstance(v.get("trajectories"), dict):
+                _check_keys(v["trajectories"], {f.name for f in fields(TrajectoryConfig)}, source,
+                            f"models.{name}.trajectories.")
             out[name] = ModelSpec(**v)
         else:
             raise ConfigError(f"{source}: models.{name} must be a spec string or a table")
@@ -247,12 +263,21 @@ def _check_values(cfg: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: trajectories.problems must be one of {PROBLEM_SOURCES}, got {t.problems!r}")
     uses_jsonl = t.source == "jsonl" or (t.source == "sample" and t.problems == "jsonl")
     uses_hf = t.source == "hf" or (t.source == "sample" and t.problems == "hf")
-    if uses_jsonl and not t.path:
+    own_paths = all(m.trajectories and m.trajectories.get("path") for m in cfg.models.values())
+    if uses_jsonl and not t.path and not own_paths:
         raise ConfigError(f"{source}: reading trajectories or problems from JSONL needs trajectories.path")
+    for name, m in cfg.models.items():  # each model's own trajectory keys, as the section's
+        for key, choices in (("format", CHOICES["trajectories.format"]), ("unfinished", ("keep", "drop"))):
+            v = (m.trajectories or {}).get(key)
+            if v is not None and v not in choices:
+                raise ConfigError(f"{source}: models.{name}.trajectories.{key} has {v!r}; valid values: "
+                                  f"{', '.join(choices)}")
+        if m.trajectories and not isinstance(m.trajectories.get("fields", {}), dict):
+            raise ConfigError(f"{source}: models.{name}.trajectories.fields must be a table")
     if uses_hf and not t.dataset:
         raise ConfigError(f"{source}: reading from a Hugging Face dataset needs trajectories.dataset")
     for role in (cfg.patching.source, cfg.patching.target, cfg.ablations.model, *cfg.trajectories.from_models,
-                 *cfg.interventions.models):
+                 *cfg.interventions.models, *(m for g in cfg.tokens.compare for m in g)):
         if role not in cfg.models:
             raise ConfigError(f"{source}: model {role!r} is used but not defined in [models] ({sorted(cfg.models)})")
     if len(cfg.patching.window) != 2 or cfg.patching.window[0] > cfg.patching.window[1]:
@@ -304,6 +329,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stages": STAGES,
     "trajectories.engine": ("hf", "vllm"),
     "interventions.at": ("end", "steps"),
+    "trajectories.format": ("r1", "s1", "skyt1", "qwen", "chat", "plain", "organism"),
+    "trajectories.unfinished": ("keep", "drop"),
     "models.*.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
 }
 NONEMPTY = ("lexicon", "stages", "probes.words", "patching.metrics", "ablations.kinds")  # lists
@@ -419,13 +446,25 @@ def check_models(cfg: StudyConfig) -> dict[str, dict]:
 
     facts = {}
     for name, m in cfg.models.items():
+        for key in ("tokenizer", "chat_template", "bpe"):
+            if getattr(m, key) is not None:
+                resolve_path(getattr(m, key), cfg.source, f"models.{name}.{key}")
+        if not m.has_weights:  # a tokenizer only: positions and counts, no stage that needs weights
+            facts[name] = {"spec": name, "path": str(resolve_path(m.tokenizer, cfg.source, f"models.{name}.tokenizer")),
+                           "n_layers": None, "d_model": None, "model_type": None, "weights": False}
+            continue
         try:
             facts[name] = describe_spec(m.spec, revision=m.revision)
         except ModelLoadError as e:
             raise ConfigError(f"{cfg.source}: models.{name}: {e}") from None
+    for name, t in model_trajectories(cfg).items():
+        if t.source == "jsonl" and t.path:
+            resolve_path(t.path, cfg.source, f"models.{name}.trajectories.path" if cfg.models[name].trajectories
+                         and "path" in cfg.models[name].trajectories else "trajectories.path")
     _check_layers(cfg, facts)
     t = cfg.trajectories
-    if t.path and (t.source == "jsonl" or t.problems == "jsonl") and not Path(t.path).is_file():
+    if t.path and (t.source == "jsonl" or t.problems == "jsonl") and not resolve_path(
+            t.path, cfg.source, "trajectories.path").is_file():
         raise ConfigError(f"{cfg.source}: trajectories.path: file not found: {t.path}")
     if "patching" in cfg.stages:
         a, b = facts[cfg.patching.source], facts[cfg.patching.target]
@@ -453,3 +492,34 @@ def _check_layers(cfg: StudyConfig, facts: dict[str, dict]) -> None:
             if bad:
                 raise ConfigError(f"{cfg.source}: {key}: layer {bad[0]} does not exist in models.{name} "
                                   f"({facts[name]['spec']} has layers 0..{n - 1})")
+
+
+# -- real data: per-model trajectory sources and paths relative to the config --------------------
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding experiments/ (a source checkout)
+
+
+def resolve_path(path: str | Path, source: str, key: str) -> Path:
+    """A config path: absolute as given; relative, the first that exists of the config file's
+    folder, the working directory and the repository root (so ``../shared/realdata/...`` works
+    from a clean clone beside it). Missing: a ConfigError naming the key and the path."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        base = Path(source).parent if source and not source.startswith("<") else Path.cwd()
+        candidates = list(dict.fromkeys([base / p, Path.cwd() / p, REPO_ROOT / p]))
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    raise ConfigError(f"{source}: {key}: not found: {path} (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+
+def model_trajectories(cfg: StudyConfig) -> dict[str, TrajectoryConfig]:
+    """Each model's trajectory settings: [trajectories] with its own `models.NAME.trajectories`
+    keys on top (e.g. each model's file and field paths when every model is imported)."""
+    from dataclasses import replace
+
+    out = {}
+    for name, m in cfg.models.items():
+        out[name] = replace(cfg.trajectories, **m.trajectories) if m.trajectories else cfg.trajectories
+    return out

@@ -83,12 +83,18 @@ class RunContext:
     def model(self, name: str):
         """The model called `name` in the config, loaded on first use and kept."""
         if name not in self._models:
+            from waitlens.experiments.config import resolve_path
             from waitlens.hooks import load_model
 
             m = self.cfg.models[name]
-            self.log(f"loading model {name} = {m.spec}")
-            self._models[name] = load_model(m.spec, device=self.cfg.device, dtype=m.dtype,
-                                            revision=m.revision, format=m.format, device_map=self.cfg.device_map)
+            paths = {k: resolve_path(getattr(m, k), self.cfg.source, f"models.{name}.{k}")
+                     for k in ("tokenizer", "chat_template", "bpe") if getattr(m, k) is not None}
+            self.log(f"loading model {name} = {m.spec or 'tokenizer ' + str(paths['tokenizer'])}")
+            self._models[name] = load_model(m.spec or None, device=self.cfg.device, dtype=m.dtype,
+                                            revision=m.revision, format=m.format, device_map=self.cfg.device_map,
+                                            **paths)
+            if not m.spec:
+                self._models[name].spec = name
         return self._models[name]
 
     def stage_dir(self, stage: str) -> Path:
@@ -307,7 +313,11 @@ def _run_locked(cfg, stages, run_dir: Path, facts, only, force, quiet) -> Path:
             if name in wipe and out_dir.exists():
                 shutil.rmtree(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            summary = stage.run(ctx, out_dir)
+            try:
+                summary = stage.run(ctx, out_dir)
+            except StageSkipped as e:  # e.g. capture with models that have no weights
+                status, summary = "skipped", {"reason": str(e)}
+                write_json(out_dir / "skipped.json", summary)
         else:
             partial = run_dir / f"{name}.partial"
             shutil.rmtree(partial, ignore_errors=True)

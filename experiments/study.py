@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from waitlens.experiments.config import ConfigError, model_trajectories, resolve_path
 from waitlens.experiments.runner import RunContext, Stage, StageSkipped
 from waitlens.probes.stats import InsufficientDataError
 from waitlens.traces import (
@@ -94,8 +95,11 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.hooks.generate import generate_trajectories
 
     t = ctx.cfg.trajectories
+    per_model = model_trajectories(ctx.cfg)
+    if any(mt.source in ("jsonl", "hf") and mt.format for mt in per_model.values()):
+        return _import_trajectories(ctx, per_model, out)
     if t.source == "jsonl":
-        trajs = load_trajectories(t.path)
+        trajs = load_trajectories(resolve_path(t.path, ctx.cfg.source, "trajectories.path"))
         by_model = split_by_model(trajs, {name: m.spec for name, m in ctx.cfg.models.items()}, t.path)
         for name in ctx.cfg.models:
             save_trajectories(by_model[name], out / f"{name}.jsonl")
@@ -118,6 +122,48 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
     return summary
 
 
+def _import_trajectories(ctx: RunContext, per_model: dict, out: Path) -> dict[str, Any]:
+    """Each model's trajectories imported from records (`traces.import_records`): a JSONL/JSON/
+    parquet file or a Hugging Face dataset, read by the model's format with its field paths."""
+    from waitlens.traces.importing import import_records, load_hf_records, read_records
+
+    cache: dict[tuple, list] = {}
+    summary = {}
+    for name, mt in per_model.items():
+        if mt.source not in ("jsonl", "hf") or not mt.format:
+            raise ConfigError(f"{ctx.cfg.source}: models.{name}: every model needs imported trajectories "
+                              "(source 'jsonl' or 'hf' with a format) when one has them")
+        if mt.source == "jsonl":
+            key = ("jsonl", str(resolve_path(mt.path, ctx.cfg.source, f"models.{name}.trajectories.path")))
+            if key not in cache:
+                cache[key] = read_records(key[1])
+        else:
+            key = ("hf", mt.dataset, mt.split)
+            if key not in cache:
+                cache[key] = load_hf_records(mt.dataset, mt.split)
+        ctx.log(f"trajectories: importing {name} from {key[1]} ({mt.format})")
+        trajs = import_records(cache[key], format=mt.format, fields=mt.fields, model=name, source=key[1],
+                               unfinished=mt.unfinished)
+        save_trajectories(trajs, out / f"{name}.jsonl")
+        finished = [x for x in trajs if x.extra.get("finished", True)]
+        summary[name] = {"source": key[1], "format": mt.format, "n": len(trajs), "finished": len(finished),
+                         "correct": sum(bool(x.correct) for x in trajs),
+                         "accuracy_finished": sum(bool(x.correct) for x in finished) / max(len(finished), 1)}
+    return summary
+
+
+def _weightless(ctx: RunContext, names=None) -> list[str]:
+    return [n for n in (names or ctx.cfg.models) if not ctx.cfg.models[n].has_weights]
+
+
+def _need_weights(ctx: RunContext, names=None) -> None:
+    """Stages that run the model (capture, answers, probes, patching, ablations, interventions)
+    are skipped, with the reason, for models known only by their tokenizer."""
+    missing = _weightless(ctx, names)
+    if missing:
+        raise StageSkipped(f"no model weights ({', '.join(missing)}: tokenizer only)")
+
+
 def _add_organism_truth(trajs: list[Trajectory]) -> None:
     """The organism's ground truth (slips, what each wait did) for each sampled trajectory."""
     from waitlens.experiments.organism.sample import add_truth
@@ -128,16 +174,19 @@ def _add_organism_truth(trajs: list[Trajectory]) -> None:
 
 
 def stage_positions(ctx: RunContext, out: Path) -> dict[str, Any]:
-    pooled = pooled_trajectories(ctx)
     lex = Lexicon.parse(ctx.cfg.lexicon)
     summary = {}
+    # models without weights are never captured: each is positioned on its own trajectories only
+    # (the pooled set exists so captured states can be compared across models at the same text)
+    pooled = pooled_trajectories(ctx) if len(_weightless(ctx)) < len(ctx.cfg.models) else None
     for name in ctx.cfg.models:
         model = ctx.model(name)
+        trajs = pooled if pooled is not None and ctx.cfg.models[name].has_weights else own_trajectories(ctx, name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an empty table is reported in the summary
-            pos = find_positions(model, pooled, lex, anchor=ctx.cfg.capture.anchor)
+            pos = find_positions(model, trajs, lex, anchor=ctx.cfg.capture.anchor)
         if ctx.cfg.capture.controls and len(pos):
-            pos = pos.concat(control_positions(model, pooled, pos, seed=ctx.cfg.seed))
+            pos = pos.concat(control_positions(model, trajs, pos, seed=ctx.cfg.seed))
         pos.table.to_csv(out / f"{name}.csv", index=False)
         summary[name] = pos.table["word"].value_counts().to_dict()
     return summary
@@ -157,6 +206,8 @@ def _positions(ctx: RunContext, name: str):
 def stage_capture(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.hooks import capture_residuals
 
+    _need_weights(ctx)
+
     pooled = pooled_trajectories(ctx)
     c = ctx.cfg.capture
     summary = {}
@@ -174,13 +225,16 @@ def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)) for name in ctx.cfg.models]
     try:
         return tokens_to_dir(runs, out, lexicon=ctx.cfg.lexicon, min_count=ctx.cfg.tokens.min_count,
-                             n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed, progress=not ctx.quiet)
+                             n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed, progress=not ctx.quiet,
+                             compare=ctx.cfg.tokens.compare or None)
     except InsufficientDataError as e:
         raise StageSkipped(str(e)) from None
 
 
 def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.analyses.tokens import answers_to_dir
+
+    _need_weights(ctx)
 
     a = ctx.cfg.answers
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)[: a.max_trajectories]) for name in ctx.cfg.models]
@@ -191,6 +245,8 @@ def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.commands.probe import probe_to_dir
+
+    _need_weights(ctx)
 
     p = ctx.cfg.probes
     stores = [ctx.stage_dir("capture") / name for name in ctx.cfg.models]
@@ -287,6 +343,8 @@ def _fact_probes(ctx: RunContext, truth: dict, out: Path, summary: dict[str, Any
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.analyses.patch import patch_to_dir
 
+    _need_weights(ctx)
+
     p = ctx.cfg.patching
     # Only trajectories with a wait can be patched at one; where ground truth says a wait follows a
     # slip (the cases the correction metric reads), take those first, then cap.
@@ -314,6 +372,8 @@ def _wait_after_slip(t: Trajectory) -> bool:
 
 def stage_ablations(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.analyses.patch import ablate_to_dir
+
+    _need_weights(ctx)
 
     a = ctx.cfg.ablations
     trajs = own_trajectories(ctx, a.model)[: a.max_trajectories]
@@ -359,6 +419,7 @@ def stage_interventions(ctx: RunContext, out: Path) -> dict[str, Any]:
     """Forced-wait interventions on each model's own trajectories (`analyses.interventions`)."""
     from waitlens.experiments.analyses.interventions import interventions_to_dir
 
+    _need_weights(ctx, ctx.cfg.interventions.models or None)
     iv, t = ctx.cfg.interventions, ctx.cfg.trajectories
     names = iv.models or list(ctx.cfg.models)
     runs = [(name, _sampler(ctx, name), own_trajectories(ctx, name)[: iv.max_trajectories]) for name in names]

@@ -126,6 +126,16 @@ def find_positions(
     return Positions(_typed(table), lex.words, fmt.name)
 
 
+def positions_in(trajectory: Trajectory, rendered: Rendered, lexicon: Lexicon | Sequence[str] | str | None = None,
+                 *, anchor: str = "first") -> Positions:
+    """`find_positions` for one trajectory already rendered (no second tokenization)."""
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+    lex = Lexicon.parse(lexicon)
+    table = pd.DataFrame(_rows_for(trajectory, rendered, lex, anchor), columns=COLUMNS)
+    return Positions(_typed(table), lex.words)
+
+
 def _rows_for(traj: Trajectory, rd: Rendered, lex: Lexicon, anchor: str) -> list[dict]:
     r0, _ = rd.reasoning_chars
     t0, t1 = rd.reasoning_tokens

@@ -42,22 +42,22 @@ def count_occurrences(
     lexicon: Lexicon | Iterable[str] | str | None = None,
     *,
     progress: bool = False,
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`hooks.token_occurrences` without a forward pass: the same rows (a lexicon word is one
     occurrence however many tokens it spans; other tokens keyed by their stripped text) from
-    the model's exact tokenization, with ``logprob`` NaN. `model` is anything `find_positions`
-    takes (a weightless `TokenizerModel` included)."""
-    import warnings
-
+    the model's exact tokenization, with ``logprob`` NaN; and the positions table of the
+    lexicon words (as `find_positions` gives it), from the same single tokenization.
+    `model` is anything with ``render`` and ``tokenizer`` (a weightless `TokenizerModel`)."""
     import numpy as np
 
     from waitlens.hooks.logprobs import token_key
-    from waitlens.traces.positions import find_positions
+    from waitlens.traces.positions import COLUMNS, positions_in
 
     lex = Lexicon.parse(lexicon)
     tok = getattr(model, "tokenizer", model)
+    check_length = getattr(model, "check_length", None)
     keys: dict[int, str] = {}
-    rows = []
+    rows, tables = [], []
     it: Iterable = trajectories
     if progress:
         from tqdm import tqdm
@@ -65,13 +65,14 @@ def count_occurrences(
         it = tqdm(trajectories, desc=f"token counts {getattr(model, 'spec', '')}")
     for traj in it:
         rd = model.render(traj)
+        if check_length is not None:
+            check_length(rd.n_tokens, traj.id)
+        pos = positions_in(traj, rd, lex).table
+        tables.append(pos)
         t0, t1 = rd.reasoning_tokens
         if t1 <= t0:
             continue
         n = t1 - t0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pos = find_positions(model, [traj], lex, anchor="first").table
         in_word: set[int] = set()
         for w, s, e in zip(pos["word"], pos["span_start"], pos["span_end"], strict=True):
             span = [i for i in range(s, e) if t0 <= i < t1]
@@ -87,7 +88,9 @@ def count_occurrences(
             if tid not in keys:
                 keys[tid] = token_key(tok.decode([tid]))
             rows.append((traj.id, traj.problem_id, traj.correct, keys[tid], "token", i, 1, np.nan, (i - t0) / n))
-    return pd.DataFrame(rows, columns=OCCURRENCE_COLUMNS)
+    tables = [t for t in tables if len(t)]
+    positions = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
+    return pd.DataFrame(rows, columns=OCCURRENCE_COLUMNS), positions
 
 
 def wait_by_model(tables: dict, summaries: dict, waits: pd.DataFrame, *, word: str = "wait") -> pd.DataFrame:
@@ -169,18 +172,22 @@ def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1
     tables, occs, trajs_by, waits, summaries = {}, {}, {}, [], {}
     md = []
     for spec, model, trajs in runs:
+        counted = None
         if has_weights(model):
             occ = token_occurrences(model, trajs, lex, progress=progress)
         else:
-            occ = count_occurrences(model, trajs, lex, progress=progress)
+            occ, counted = count_occurrences(model, trajs, lex, progress=progress)
         tt = token_table(occ, trajs, model=spec, lexicon=lex.words, min_count=min_count,
                          n_boot=n_boot, seed=seed)
         tables[spec], occs[spec], trajs_by[spec] = tt, occ, trajs
         import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pos = find_positions(model, trajs, [word])
+        if counted is not None:  # the word's rows of the same tokenization (it is in the lexicon)
+            pos = counted[counted["word"] == word]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pos = find_positions(model, trajs, [word])
         wd = wait_distribution(pos, trajs, model=spec, word=word)
         waits.append(wd)
         summaries[spec] = wait_summary(wd, trajs, model=spec, n_boot=n_boot, seed=seed, word=word)
