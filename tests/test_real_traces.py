@@ -144,3 +144,149 @@ def test_load_model_tokenizer_only_and_template(tmp_path):
     d = make_tiny_qwen(tmp_path / "tiny")
     tiny = load_model(str(d), device="cpu", chat_template=QWEN_TEMPLATE, format="plain")
     assert tiny.tokenizer.chat_template.startswith(QWEN_TEMPLATE.read_text()[:40])
+
+
+# -- the real-traces study ---------------------------------------------------------------------
+CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "real-traces.toml"
+WEIGHT_STAGES = ("capture", "answers", "probes", "patching", "ablations")
+
+
+def _mini_config(tmp_path: Path, extra: str = "") -> Path:
+    """Two weightless models on 40 R1-1.5B GSM8K records (thinking and base)."""
+    src = _need(REALDATA / "traces" / "r1distill_qwen1.5b_gsm8k500.jsonl")
+    small = tmp_path / "r1_40.jsonl"
+    small.write_text("".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:40]), encoding="utf-8")
+    fields = '{ prompt = "question", completion = "model_answers.%s", gold = "correct_answer" }'
+    cfg = tmp_path / "mini.toml"
+    cfg.write_text(f'''
+name = "mini"
+stages = ["trajectories", "positions", "capture", "tokens", "answers", "probes", "report"]
+[trajectories]
+source = "jsonl"
+[tokens]
+n_boot = 50
+min_count = 3
+[patching]
+source = "r1"
+target = "base"
+[ablations]
+model = "r1"
+[models.r1]
+tokenizer = "{R1_CONFIG}"
+bpe = "{BPE}"
+chat_template = "{R1_TEMPLATE}"
+format = "r1"
+trajectories = {{ path = "{small}", format = "r1", unfinished = "drop", fields = {fields % "thinking_model"} }}
+[models.base]
+tokenizer = "{BPE}"
+format = "plain"
+trajectories = {{ path = "{small}", format = "plain", fields = {fields % "base_model"} }}
+{extra}''')
+    return cfg
+
+
+def test_mini_real_study_counts_only(tmp_path):
+    import pandas as pd
+
+    from waitlens.experiments.config import load_config
+    from waitlens.experiments.runner import read_manifest, run_study
+    from waitlens.experiments.study import study_stages
+
+    run = run_study(load_config(_mini_config(tmp_path)), study_stages(), runs_root=tmp_path / "runs", quiet=True)
+    m = read_manifest(run)["stages"]
+    for s in ("capture", "answers", "probes"):
+        assert m[s]["status"] == "skipped" and m[s]["summary"]["reason"].startswith("no model weights"), s
+    assert m["trajectories"]["summary"]["r1"]["n"] == m["trajectories"]["summary"]["r1"]["finished"]
+    table = pd.read_csv(run / "tokens" / "token_table.csv")
+    assert set(table["model"]) == {"r1", "base"}
+    assert {"model", "key", "auroc", "auroc_lo", "auroc_hi", "q", "direction"} <= set(table.columns)
+    assert table["prob_correct"].isna().all()  # counts only: no probabilities without weights
+    pos = pd.read_csv(run / "positions" / "r1.csv", keep_default_na=False)
+    assert set(pos["trajectory_id"]) <= {f"r1/{i}" for i in range(40)}  # its own trajectories only
+    report = (run / "report" / "report.md").read_text()
+    assert "no model weights" in report and "wait_position.png" in report
+
+
+def test_config_missing_realdata_path_is_one_line(tmp_path):
+    from waitlens.experiments.config import ConfigError, check_models, load_config
+
+    cfg = _mini_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace(str(BPE), "../shared/realdata/tokenizer/no-such-bpe"))
+    with pytest.raises(ConfigError, match=r"models\.r1\.bpe: not found: \.\./shared/realdata/tokenizer/no-such-bpe "
+                                          r"\(looked in .*\)$") as e:
+        check_models(load_config(cfg))
+    assert "\n" not in str(e.value)
+
+
+def test_study_imports_a_saved_hf_dataset(tmp_path):
+    """source = "hf" from a dataset saved with save_to_disk (s1K-1.1's field names)."""
+    datasets = pytest.importorskip("datasets")
+    from waitlens.experiments.config import load_config
+    from waitlens.experiments.runner import run_study
+    from waitlens.experiments.study import study_stages
+    from waitlens.traces import load_trajectories
+
+    rows = [{"question": f"Q{i}", "deepseek_thinking_trajectory": "Wait, so it is 3." if i % 2 else "So 3.",
+             "deepseek_attempt": f"**Final Answer**\n\\boxed{{{3 if i % 3 else 4}}}", "solution": "3"}
+            for i in range(12)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "s1k"))
+    cfg = tmp_path / "hf.toml"
+    cfg.write_text(f'''
+name = "hf"
+stages = ["trajectories", "tokens"]
+[trajectories]
+source = "hf"
+dataset = "{tmp_path / 's1k'}"
+format = "s1"
+fields = {{ prompt = "question", reasoning = "deepseek_thinking_trajectory", answer = "deepseek_attempt", gold = "solution" }}
+[tokens]
+n_boot = 20
+min_count = 2
+[patching]
+source = "s1"
+target = "s1"
+[ablations]
+model = "s1"
+[models.s1]
+tokenizer = "{_need(BPE)}"
+chat_template = "{_need(QWEN_TEMPLATE)}"
+format = "s1"
+''')
+    run = run_study(load_config(cfg), study_stages(), runs_root=tmp_path / "runs", quiet=True)
+    trajs = load_trajectories(run / "trajectories" / "s1.jsonl")
+    assert [t.correct for t in trajs] == [bool(i % 3) for i in range(12)]
+    assert (run / "tokens" / "token_table.csv").is_file()
+
+
+@pytest.mark.slow
+def test_real_traces_study_full(tmp_path):
+    """Must-show 4: the shipped real-traces study, offline, under 5 minutes, token tables with
+    'wait' rows for every model that says it, the wait-distribution figure, weight stages skipped."""
+    import time
+
+    import pandas as pd
+
+    from waitlens.experiments.config import load_config
+    from waitlens.experiments.runner import read_manifest, run_study
+    from waitlens.experiments.study import study_stages
+
+    _need(REALDATA / "traces")
+    t0 = time.perf_counter()
+    run = run_study(load_config(CONFIG), study_stages(), runs_root=tmp_path, quiet=True)
+    assert time.perf_counter() - t0 < 300
+    m = read_manifest(run)["stages"]
+    for s in WEIGHT_STAGES:
+        assert m[s]["status"] == "skipped" and m[s]["summary"]["reason"].startswith("no model weights")
+    table = pd.read_csv(run / "tokens" / "token_table.csv")
+    models = ["sky_correct5k", "sky_reflection_removed", "sky_digits_corrupted", "r1_1.5b", "qwen_math_1.5b",
+              "r1_14b", "qwen_14b", "hybrid_14b"]
+    assert sorted(set(table["model"])) == sorted(models)
+    wait = table[table["key"] == "wait"].set_index("model")
+    # the base models (almost) never say "wait": it is not tested there, with a note
+    assert set(wait.index) == set(models) - {"qwen_math_1.5b", "qwen_14b"}
+    assert wait[["rank", "auroc", "auroc_lo", "auroc_hi", "q"]].notna().all().all()
+    by_model = pd.read_csv(run / "tokens" / "wait_by_model.csv").set_index("model")
+    assert by_model.loc["r1_1.5b", "n_trajectories"] == 469 and by_model.loc["r1_14b", "n_trajectories"] == 192
+    assert by_model.loc["sky_correct5k", "n_correct"] == 9  # the file's own score: 9/30
+    report = (run / "report" / "report.md").read_text()
+    assert "wait_position.png" in report and all(name in report for name in models)
