@@ -82,6 +82,8 @@ def capture_residuals(
     storage_dtype: str = "float32",
     shard_size: int = 64,
     progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> ActivationStore:
     """Capture `blocks.{l}.hook_{hook}` at every position in `positions`, for `layers`
     (default all), into an activation store at `out_dir`; returns the finished store.
@@ -92,7 +94,13 @@ def capture_residuals(
     Rerunning with the same arguments on an interrupted `out_dir` resumes it; on a finished
     one it returns the store; a different configuration there is an error.
     Everything is validated before anything is written.
+
+    Data-parallel (``torchrun --nproc-per-node N``, read from ``RANK``/``WORLD_SIZE`` unless
+    given; a gloo process group is started if none is): rank r captures the shards whose index
+    is r mod N, rank 0 writes the manifest and metadata, and the finished store is byte for
+    byte the one a single process writes (manifest timestamps apart). Rerunning resumes.
     """
+    rank, world = _world(rank, world_size)
     out = Path(out_dir)
     kind = normalize_kind(hook)
     layer_list = resolve_layers(layers, model.n_layers)
@@ -137,22 +145,60 @@ def capture_residuals(
             entry.update({k: old[k] for k in ("bytes", "sha256") if k in old})
         else:
             todo.append(s)
-    write_json(out / MANIFEST, manifest)
-    total = sum(len(s.trajectory_ids) for s in shards)
+    _barrier(world)  # every rank has read the old state before rank 0 writes
+    if rank == 0:
+        write_json(out / MANIFEST, manifest)
+    # this rank's share of the shards (other ranks' shards get their bytes and sha256 from
+    # finish_manifest on rank 0)
+    todo = [s for s in todo if s.index % world == rank]
+    mine = [s for s in shards if s.index % world == rank]
+    total = sum(len(s.trajectory_ids) for s in mine)
     bar = _progress(progress, total=total, initial=total - sum(len(s.trajectory_ids) for s in todo))
     try:
         for shard in todo:
             states = _capture_shard(model, shard, ids_by_traj, layer_list, kind, batch_size, bar)
             entry = write_shard(out, shard.index, states.to(sdtype), shard.table, shard.fingerprint)
-            manifest["shards"][shard.index].update(entry)  # its size and sha256, for the checks
-            write_json(out / MANIFEST, manifest)
+            if rank == 0:
+                manifest["shards"][shard.index].update(entry)  # its size and sha256, for the checks
+                write_json(out / MANIFEST, manifest)
     finally:
         if bar is not None:
             bar.close()
-    meta = merge_metadata(out, manifest["shards"]) if shards else _empty_metadata()
-    write_csv(out / METADATA, meta)
-    write_json(out / MANIFEST, finish_manifest(out, manifest))
+    _barrier(world)  # every shard is on disk
+    if rank == 0:
+        meta = merge_metadata(out, manifest["shards"]) if shards else _empty_metadata()
+        write_csv(out / METADATA, meta)
+        write_json(out / MANIFEST, finish_manifest(out, manifest))
+    _barrier(world)  # the store is complete
     return ActivationStore(out)
+
+
+def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): as given, else torchrun's RANK/WORLD_SIZE; starts a gloo group if needed."""
+    import os
+
+    world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
+    r = int(rank if rank is not None else os.environ.get("RANK", 0))
+    if world < 1 or not 0 <= r < world:
+        raise ValueError(f"rank {r} is not in a world of {world} process(es)")
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if "MASTER_ADDR" not in os.environ:
+                raise ValueError(f"world_size {world} needs a launcher (torchrun sets MASTER_ADDR, RANK, WORLD_SIZE)")
+            dist.init_process_group("gloo", rank=r, world_size=world)
+        if dist.get_world_size() != world or dist.get_rank() != r:
+            raise ValueError(f"rank {r} of {world} differs from the process group's "
+                             f"{dist.get_rank()} of {dist.get_world_size()}")
+    return r, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 @dataclass

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from waitlens.traces.errors import WaitlensError
@@ -140,9 +140,23 @@ def write_shard(
     write_csv(out_dir / f"{name}.csv", metadata)
     tensors = {TENSOR: states.contiguous()}
     _atomic(out_dir / f"{name}.safetensors",
-            lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": fingerprint, "format": FORMAT}))
+            lambda tmp: save_canonical(tensors, tmp, metadata={"fingerprint": fingerprint, "format": FORMAT}))
     entry = {"file": f"{name}.safetensors", "n": int(states.shape[0]), "fingerprint": fingerprint}
     return {**entry, **file_facts(out_dir / entry["file"])}
+
+
+def save_canonical(tensors: dict[str, Tensor], path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with the JSON header's keys sorted: safetensors writes its
+    metadata map in a per-process random order, so the same shard would differ byte for byte
+    (and in sha256) between two processes (data-parallel ranks, a resumed run)."""
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(canon) > n:  # cannot happen: same content, same compact encoding
+        raise StoreError("safetensors header grew when its keys were sorted")
+    with open(path, "wb") as fh:
+        fh.write(raw[:8] + canon + b" " * (n - len(canon)) + raw[8 + n:])
 
 
 # -- checksums --------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def test_resume_after_kill(tiny_model, trajs, positions, tmp_path, monkeypatch):
 def test_kill_during_shard_write_leaves_no_partial_file(tiny_model, trajs, positions, tmp_path, monkeypatch):
     import waitlens.hooks.store as storemod
 
-    real = storemod.save_file
+    real = storemod.save_canonical
 
     def dying_save(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)
@@ -199,7 +199,7 @@ def test_kill_during_shard_write_leaves_no_partial_file(tiny_model, trajs, posit
             fh.truncate(40)
         raise Killed("killed while writing")
 
-    monkeypatch.setattr(storemod, "save_file", dying_save)
+    monkeypatch.setattr(storemod, "save_canonical", dying_save)
     out = tmp_path / "s"
     with pytest.raises(Killed):
         capture_residuals(tiny_model, trajs, positions, out, shard_size=3, progress=False)
@@ -383,3 +383,92 @@ def test_in_memory_capture_equals_store(tiny_model, trajs, positions, tmp_path):
     assert empty.states.shape == (0, 1, tiny_model.d_model) and len(empty.meta) == 0
     with pytest.raises(ValueError, match="out of range"):
         capture(tiny_model, trajs, positions, layers=[7])
+
+
+# -- data-parallel (torchrun, gloo) -----------------------------------------------------------
+_DP_SCRIPT = '''
+import os, sys
+import waitlens.hooks.capture as capmod
+from waitlens.hooks import load_model
+from waitlens.traces import control_positions, find_positions, load_trajectories
+
+trajs_file, out, kill_rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if int(os.environ["RANK"]) == kill_rank:  # this rank dies after writing its first shard
+    real = capmod.write_shard
+
+    def write_then_die(*a, **kw):
+        real(*a, **kw)
+        os._exit(3)
+
+    capmod.write_shard = write_then_die
+model = load_model("organism:post-large", device="cpu", dtype="float32")
+trajs = load_trajectories(trajs_file)
+pos = find_positions(model, trajs, ["wait", "so", "therefore", "alternatively"])
+pos = pos.concat(control_positions(model, trajs, pos, seed=0))
+capmod.capture_residuals(model, trajs, pos, out, batch_size=4, shard_size=3, progress=False)
+'''
+
+
+def _store_bytes(d):
+    """Every file of a store, the manifest without its timestamps and versions."""
+    out = {}
+    for p in sorted(d.iterdir()):
+        if p.name == "manifest.json":
+            m = json.loads(p.read_text())
+            for k in ("created", "finished", "versions"):
+                m.pop(k, None)
+            out[p.name] = json.dumps(m, sort_keys=True).encode()
+        else:
+            out[p.name] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_single_process_and_resume(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): the store is byte for byte the single-process store;
+    with rank 1 killed after its first shard, rerunning the same command finishes it, equal too."""
+    import subprocess
+    import sys
+
+    from waitlens.experiments.organism.sample import sample
+    from waitlens.hooks import load_model
+
+    model = load_model("organism:post-large", device="cpu", dtype="float32")
+    trajs = sample(model, 16, seed=5, progress=False)
+    tf = tmp_path / "t.jsonl"
+    save_trajectories(trajs, tf)
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(n, out, kill_rank=-1):
+        args = [str(script), str(tf), str(out), str(kill_rank)]
+        if n == 1:
+            cmd, e = [sys.executable, *args], {**env, "RANK": "0", "WORLD_SIZE": "1"}
+        else:
+            cmd, e = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                      *args], env
+        proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the launcher and its ranks
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+
+    single = launch(1, tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-2000:]
+    n_shards = len(json.loads((tmp_path / "single" / "manifest.json").read_text())["shards"])
+    assert n_shards >= 4  # both ranks get more than one shard
+    two = launch(2, tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-2000:]
+    want = _store_bytes(tmp_path / "single")
+    assert _store_bytes(tmp_path / "two") == want
+    killed = launch(2, tmp_path / "resumed", kill_rank=1)
+    assert killed.returncode != 0
+    m = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert not m["complete"] and (tmp_path / "resumed" / "shard-00001.safetensors").exists()
+    again = launch(2, tmp_path / "resumed")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _store_bytes(tmp_path / "resumed") == want
