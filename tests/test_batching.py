@@ -172,3 +172,19 @@ def test_vectorised_bootstrap_equals_cluster_bootstrap():
         g = rng.integers(0, max(2, n // 2), n)
         want = cluster_bootstrap(np.column_stack([c, y]), g, _auroc_stat, n_boot=200, seed=trial)[1:]
         np.testing.assert_allclose(_auroc_ci(c, y, g, 200, trial), want, atol=1e-12, rtol=0)
+
+
+def test_gpu_benchmark_runs_at_toy_size():
+    """experiments/benchmarks/gpu.py: the same code as on a GPU, at toy size on the CPU."""
+    from waitlens.experiments.benchmarks import gpu
+
+    if not gpu.DEFAULT_CONFIG.is_file():
+        pytest.skip(f"the real Qwen2 config is absent: {gpu.DEFAULT_CONFIG} (../shared/realdata beside the repo)")
+    full = gpu.build_model(gpu.DEFAULT_CONFIG, size="toy")
+    assert full.config.num_key_value_heads == 2 and full.config.rms_norm_eps == 1e-5  # the real config's fields kept
+    rows = gpu.run(toy=True, device="cpu")
+    names = [r.what for r in rows]
+    for part in ("bare forward", "capture", "forced answer", "patch sweep exact", "attribution", "sampling HF"):
+        assert any(part in n for n in names), part
+    assert all(r.seconds > 0 for r in rows if "vLLM" not in r.what)
+    assert "| measurement |" in gpu.table(rows)
