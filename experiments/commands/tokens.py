@@ -1,7 +1,7 @@
 """`waitlens tokens` and `waitlens answers`: token signals of reasoning trajectories.
 
     waitlens tokens  --model SPEC [--model SPEC2 ...] --trajectories FILE.jsonl [...] --out DIR
-    waitlens tokens  --tokenizer DIR [--chat-template FILE] [--format NAME] --trajectories F [...] --out DIR
+    waitlens tokens  --tokenizer DIR [--chat-template FILE] [--format NAME] [--name NAME] --trajectories F [...] --out DIR
     waitlens answers --model SPEC [--model SPEC2 ...] --trajectories FILE.jsonl [...] --out DIR
 
 `--trajectories` is given once (every model scores the same trajectories) or once per model,
@@ -35,6 +35,8 @@ def _common(p) -> None:
                    help="a tokenizer directory instead of a model: counts only, no weights (repeatable)")
     p.add_argument("--chat-template", action="append", default=None, metavar="FILE",
                    help="a .jinja chat template for the tokenizer(s) (once, or once per --model/--tokenizer)")
+    p.add_argument("--name", action="append", default=None, metavar="NAME",
+                   help="a name per --model/--tokenizer for the tables (default: the spec or directory)")
     p.add_argument("--bpe", default=None, metavar="DIR",
                    help="the Qwen2 BPE directory, for an R1-distill tokenizer config without a vocabulary")
     p.add_argument("--trajectories", action="append", required=True, metavar="FILE",
@@ -80,12 +82,19 @@ def _load(args):
     if bool(args.model) == bool(args.tokenizer):
         raise ValueError("give --model SPEC (with weights) or --tokenizer DIR (counts only), one of the two")
     specs = args.model or args.tokenizer
+    names = args.name or specs
+    if len(specs) == 1 and len(names) > 1:  # one tokenizer or model for several named runs
+        specs = specs * len(names)
+    if len(names) != len(specs):
+        raise ValueError(f"give --name once per model ({len(specs)}), not {len(names)} times")
     files, templates = args.trajectories, args.chat_template or [None]
     if len(files) not in (1, len(specs)):
         raise ValueError(f"give --trajectories once, or once per model ({len(specs)}), not {len(files)} times")
     if len(templates) not in (1, len(specs)):
         raise ValueError(f"give --chat-template once, or once per model ({len(specs)}), not {len(templates)} times")
-    twice = sorted({s for s in specs if specs.count(s) > 1})
+    twice = sorted({s for s in names if names.count(s) > 1})
+    if twice and args.name:
+        raise ValueError(f"--name {twice[0]} is given twice: results are keyed by name")
     if twice:
         raise ValueError(f"--model {twice[0]} is given twice: results are keyed by model spec, so one would "
                          "overwrite the other; run the command once per trajectory file instead")
@@ -93,7 +102,7 @@ def _load(args):
     templates = templates * len(specs) if len(templates) == 1 else templates
     cache: dict[str, list] = {}
     out = []
-    for spec, f, template in zip(specs, files, templates, strict=True):
+    for name, spec, f, template in zip(names, specs, files, templates, strict=True):
         trajs = cache.setdefault(f, load_trajectories(f))
         if args.limit:
             trajs = trajs[: args.limit]
@@ -101,7 +110,7 @@ def _load(args):
             model = load_model(spec, device=args.device, format=args.format, chat_template=template)
         else:
             model = load_model(None, tokenizer=spec, chat_template=template, bpe=args.bpe, format=args.format)
-        out.append((spec, model, trajs))
+        out.append((name, model, trajs))
     return out
 
 
