@@ -290,3 +290,28 @@ def test_real_traces_study_full(tmp_path):
     assert by_model.loc["sky_correct5k", "n_correct"] == 9  # the file's own score: 9/30
     report = (run / "report" / "report.md").read_text()
     assert "wait_position.png" in report and all(name in report for name in models)
+
+
+def test_tokens_cli_tokenizer_counts_only(tmp_path, capsys):
+    """`waitlens tokens --tokenizer DIR --chat-template FILE`: counts only, token_table.csv keeps
+    its columns (probabilities blank)."""
+    import pandas as pd
+
+    from waitlens.experiments.cli import main
+    from waitlens.probes.tokens import TABLE_COLUMNS
+    from waitlens.traces import save_trajectories
+
+    src = _need(REALDATA / "traces" / "r1distill_qwen1.5b_gsm8k500.jsonl")
+    trajs = import_records(read_records(src)[:60], format="r1", fields=R1_FIELDS, unfinished="drop")
+    save_trajectories(trajs, tmp_path / "r1.jsonl")
+    rc = main(["tokens", "--tokenizer", str(R1_CONFIG), "--bpe", str(BPE), "--chat-template", str(R1_TEMPLATE),
+               "--format", "r1", "--name", "r1", "--trajectories", str(tmp_path / "r1.jsonl"),
+               "--out", str(tmp_path / "out"), "--n-boot", "50", "--min-count", "3"])
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "out" / "token_table.csv")
+    assert list(table.columns) == TABLE_COLUMNS and set(table["model"]) == {"r1"}
+    assert table["prob_correct"].isna().all() and table["auroc"].notna().all()
+    assert "r1: 'wait'" in capsys.readouterr().out
+    rc = main(["tokens", "--tokenizer", str(BPE), "--model", "smollm2", "--trajectories", str(tmp_path / "r1.jsonl"),
+               "--out", str(tmp_path / "x")])
+    assert rc == 2 and "one of the two" in capsys.readouterr().err
