@@ -15,7 +15,7 @@ import pandas as pd
 from waitlens.hooks.alignment import Alignment, align_content, check_pair
 from waitlens.traces.formats import Rendered
 from waitlens.traces.lexicon import Lexicon
-from waitlens.traces.positions import Positions, find_positions
+from waitlens.traces.positions import CONTROL_WORD, Positions, find_positions
 from waitlens.traces.trajectory import Trajectory
 
 DEFAULT_WINDOW = (-2, 4)
@@ -121,7 +121,7 @@ def prepare_cases(source, target, trajectories: Sequence[Trajectory], positions:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             positions = find_positions(target, golds, lex)
-    table = positions.table[positions.table["word"] != "<control>"]
+    table = positions.table[positions.table["word"] != CONTROL_WORD]
     by_tid = {tid: g for tid, g in table.groupby("trajectory_id", sort=False)}
     rng = np.random.default_rng(seed)
     cases, skipped = [], []

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-CONTROL = "<control>"
+from waitlens.traces.positions import CONTROL_WORD
+
+CONTROL = CONTROL_WORD  # the `word` of control positions
 
 
 @dataclass

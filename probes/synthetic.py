@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from waitlens.traces.positions import CONTROL_WORD
+
 
 def _metadata(rng, n_problems, traj_per_problem, words_per_traj, y_traj, *, controls, word="wait",
               model="synthetic"):
@@ -20,7 +22,7 @@ def _metadata(rng, n_problems, traj_per_problem, words_per_traj, y_traj, *, cont
             tid = f"p{p}-t{t}"
             n_tok = int(rng.integers(40, 200))
             idx = np.sort(rng.choice(np.arange(5, n_tok), words_per_traj, replace=False))
-            kinds = [word] * words_per_traj + ([("<control>")] * words_per_traj if controls else [])
+            kinds = [word] * words_per_traj + ([CONTROL_WORD] * words_per_traj if controls else [])
             ctl_idx = np.sort(rng.choice(np.arange(5, n_tok), words_per_traj, replace=False)) if controls else []
             for w, ti in zip(kinds, list(idx) + list(ctl_idx), strict=True):
                 rows.append({
@@ -48,7 +50,7 @@ def planted_states(n_problems: int = 60, traj_per_problem: int = 2, words_per_tr
     states = rng.standard_normal((n, n_layers, d_model)) * scale
     u = np.random.default_rng(12345).standard_normal(d_model)
     u /= np.linalg.norm(u)
-    is_word = (meta["word"] != "<control>").to_numpy()
+    is_word = (meta["word"] != CONTROL_WORD).to_numpy()
     sign = np.where(meta["correct"].to_numpy(), 1.0, -1.0)
     states[is_word, planted_layer] += signal * sign[is_word, None] * u
     return states.astype(np.float32), meta

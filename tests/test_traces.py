@@ -152,7 +152,7 @@ def test_find_positions_linear_on_10mb_reasoning():
     text = unit * (10_000_000 // len(unit))
     traj = Trajectory("t", "p", "Q 3 + 4", text, "6", "6", True)
     t0 = time.process_time()
-    pos = find_positions(tok, [traj], ["wait"], fmt=ORG_FMT)
+    pos = find_positions(tok, [traj], ["wait"], format=ORG_FMT)
     assert time.process_time() - t0 < 10
     assert len(pos) == text.count("wait")
     first = pos.table.iloc[[0, -1]]

@@ -28,13 +28,14 @@ COLUMNS = [
     "char_start", "char_end",
 ]
 ANCHORS = ("first", "last", "both")
+CONTROL_WORD = "<control>"  # the `word` of control positions (random non-discourse tokens)
 
 
 @dataclass
 class Positions:
     """A table of token positions (one row per position) for one tokenizer.
 
-    `table` has the columns in `COLUMNS`; `word == "<control>"` marks control positions.
+    `table` has the columns in `COLUMNS`; `word == CONTROL_WORD` ("<control>") marks control positions.
     """
 
     table: pd.DataFrame
@@ -66,28 +67,28 @@ class Positions:
         return Positions(pd.concat([self.table, other.table], ignore_index=True), self.lexicon, self.format, self.info)
 
 
-def _resolve(tokenizer_or_model, fmt):
-    """Accept a tokenizer (+ format) or a model object carrying both (a `hooks.load_model`
-    result or a weightless `traces.tokenizers.TokenizerModel`)."""
-    tok = getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
+def _resolve(model, fmt):
+    """Accept a model object carrying a tokenizer and a format (a `hooks.load_model` result or
+    a weightless `traces.tokenizers.TokenizerModel`) or a bare tokenizer (+ format)."""
+    tok = getattr(model, "tokenizer", model)
     if fmt is None:
-        fmt = getattr(tokenizer_or_model, "format", None)
+        fmt = getattr(model, "format", None)
     return tok, get_format(fmt, tok)
 
 
 def find_positions(
-    tokenizer_or_model,
+    model,
     trajectories: Sequence[Trajectory],
     lexicon: Lexicon | Sequence[str] | str | None = None,
     *,
-    fmt: PromptFormat | str | None = None,
+    format: PromptFormat | str | None = None,
     anchor: str = "first",
 ) -> Positions:
     """Every lexicon-word occurrence in the reasoning of each trajectory, as token positions.
 
-    `tokenizer_or_model`: a fast HF tokenizer, or a model from `hooks.load_model` or
-    `traces.tokenizers.tokenizer_model` (its tokenizer and prompt format are used, and a
-    trajectory longer than its context is an error raised before any search). `anchor`:
+    `model`: a model from `hooks.load_model` or `traces.tokenizers.tokenizer_model` (its
+    tokenizer and prompt format are used, and a trajectory longer than its context is an error
+    raised before any search), or a bare fast HF tokenizer with `format`. `anchor`:
     "first" or "last" token of a multi-token word, or "both" (two rows when they differ). No
     match at all gives a warning and an empty table. Linear in the text length: each word's
     tokens are found by binary search over the token offsets.
@@ -95,9 +96,9 @@ def find_positions(
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     lex = Lexicon.parse(lexicon)
-    tok, fmt = _resolve(tokenizer_or_model, fmt)
-    check_length = getattr(tokenizer_or_model, "check_length", None)
-    n_ctx = getattr(tokenizer_or_model, "n_ctx", None) if check_length is not None else None
+    tok, fmt = _resolve(model, format)
+    check_length = getattr(model, "check_length", None)
+    n_ctx = getattr(model, "n_ctx", None) if check_length is not None else None
     rows, frames = [], []
     for traj in trajectories:
         text, reasoning_chars, _ = render_text(tok, traj, fmt)
@@ -355,11 +356,11 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def control_positions(
-    tokenizer,
+    model,
     trajectories: Sequence[Trajectory],
     positions: Positions,
     *,
-    fmt: PromptFormat | str | None = None,
+    format: PromptFormat | str | None = None,
     seed: int = 0,
     n_bins: int = 10,
 ) -> Positions:
@@ -368,9 +369,9 @@ def control_positions(
     For each discourse position, a token of the same trajectory is drawn from the same
     relative-position bin (1/`n_bins` of the reasoning), avoiding every discourse-word span;
     if that bin has no free token, from the nearest bin that has one. Rows have
-    `word == "<control>"`.
+    `word == CONTROL_WORD`. `model`: as in `find_positions`.
     """
-    tok, fmt = _resolve(tokenizer, fmt)
+    tok, fmt = _resolve(model, format)
     rng = np.random.default_rng(seed)
     by_id = {t.id: t for t in trajectories}
     rows = []
@@ -392,7 +393,7 @@ def control_positions(
             pool = free[dist == dist.min()]
             ti = int(rng.choice(pool))
             rows.append({
-                "trajectory_id": tid, "problem_id": traj.problem_id, "word": "<control>",
+                "trajectory_id": tid, "problem_id": traj.problem_id, "word": CONTROL_WORD,
                 "surface": "", "anchor": "first", "token_index": ti, "span_start": ti,
                 "span_end": ti + 1, "rel_index": ti - t0, "frac": (ti - t0) / n_reason,
                 "n_reasoning_tokens": t1 - t0, "correct": traj.correct,
