@@ -2,8 +2,9 @@
 
     import waitlens as wl
     model = wl.load_model("organism:post-large")
-    trajs = wl.load_trajectories("trajectories.jsonl")
-    pos = wl.find_positions(model, trajs, words=["wait"])
+    trajs = wl.sample_organism(model, 400)
+    pos = wl.find_positions(model, trajs, ["wait"])
+    states, meta = wl.capture(model, trajs, pos)
 
 The four layers install as subpackages (`waitlens.traces`, `waitlens.hooks`, `waitlens.probes`,
 `waitlens.experiments`; imports flow experiments -> probes -> hooks -> traces). This module
@@ -17,28 +18,34 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# verb -> module that defines it
+# verb -> "module:attribute" that defines it
 _VERBS = {
-    "load_trajectories": "waitlens.traces",
-    "save_trajectories": "waitlens.traces",
-    "find_positions": "waitlens.traces",
-    "grade": "waitlens.traces",
-    "Trajectory": "waitlens.traces",
-    "Positions": "waitlens.traces",
-    "load_model": "waitlens.hooks",
-    "LoadedModel": "waitlens.hooks",
-    "capture": "waitlens.hooks.capture",
-    "capture_residuals": "waitlens.hooks",
-    "write_store": "waitlens.hooks",
-    "open_store": "waitlens.hooks",
-    "ActivationStore": "waitlens.hooks",
-    "answer_probabilities": "waitlens.hooks",
-    "token_logprobs": "waitlens.hooks",
-    "patch": "waitlens.hooks",
-    "fit_layer_probes": "waitlens.probes",
-    "LinearProbe": "waitlens.probes",
-    "token_table": "waitlens.probes",
-    "load_config": "waitlens.experiments.config",
+    # traces: trajectories, real outputs, positions (tokenizers only)
+    "load_trajectories": "waitlens.traces:load_trajectories",
+    "save_trajectories": "waitlens.traces:save_trajectories",
+    "import_records": "waitlens.traces.importing:import_records",
+    "find_positions": "waitlens.traces:find_positions",
+    "control_positions": "waitlens.traces:control_positions",
+    "Trajectory": "waitlens.traces:Trajectory",
+    "Positions": "waitlens.traces:Positions",
+    # hooks: models and every forward pass
+    "load_model": "waitlens.hooks:load_model",
+    "LoadedModel": "waitlens.hooks:LoadedModel",
+    "replica": "waitlens.hooks.replica:replica",
+    "capture": "waitlens.hooks.capture:capture",
+    "capture_to_store": "waitlens.hooks:capture_residuals",
+    "open_store": "waitlens.hooks:open_store",
+    "ActivationStore": "waitlens.hooks:ActivationStore",
+    "answer_probabilities": "waitlens.hooks:answer_probabilities",
+    "token_logprobs": "waitlens.hooks:token_logprobs",
+    "patch": "waitlens.hooks:patch",
+    # probes: learning and statistics, no forward passes
+    "fit_layer_probes": "waitlens.probes:fit_layer_probes",
+    "LinearProbe": "waitlens.probes:LinearProbe",
+    "token_table": "waitlens.probes:token_table",
+    # experiments: whole studies, and the organism
+    "run_study": "waitlens.experiments.analyses.study:run",
+    "sample_organism": "waitlens.experiments.organism.sample:sample",
 }
 
 __all__ = sorted(_VERBS)
@@ -46,7 +53,8 @@ __all__ = sorted(_VERBS)
 
 def __getattr__(name: str) -> Any:
     if name in _VERBS:
-        value = getattr(importlib.import_module(_VERBS[name]), name)
+        module, attr = _VERBS[name].split(":")
+        value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     if name in ("traces", "hooks", "probes", "experiments"):

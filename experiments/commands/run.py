@@ -36,19 +36,14 @@ def run(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from waitlens.experiments.config import load_config
-    from waitlens.experiments.runner import read_manifest, run_study
-    from waitlens.experiments.study import study_stages
+    from waitlens.experiments.analyses.study import run as run_study
+    from waitlens.experiments.runner import read_manifest
 
-    cfg = load_config(args.config)
-    if args.dry_run:
-        from waitlens.experiments.analyses.replica import dry_run_config
-
-        cfg = dry_run_config(cfg)
-    run_dir = run_study(cfg, study_stages(), runs_root=args.runs, only=args.only, force=args.force, quiet=args.quiet)
+    run_dir = run_study(args.config, runs=args.runs, only=args.only, force=args.force, dry_run=args.dry_run,
+                        quiet=args.quiet)
     manifest = read_manifest(run_dir)
     times = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in manifest.get("stages", {}).items())
-    print(f"study {cfg.name!r} in {run_dir} ({times})")
+    print(f"study {run_dir.name!r} in {run_dir} ({times})")
     report = run_dir / "report" / "report.md"
     if report.is_file():
         print(f"report: {report}")
