@@ -275,8 +275,11 @@ def think(engine, heads: Sequence[str], thoughts: list[Thought], *, budget: Budg
             if j < 0:
                 t.text += c.text
                 t.used += len(c.token_ids)
-                if c.finish == "eos":  # ended without closing its reasoning: leave it as it is
-                    t.status = "unfinished"
+                if c.finish == "eos":
+                    # ended without closing its reasoning: as in s1, the answer is forced after an
+                    # inserted word or under a thinking budget; else it is left as the model wrote it
+                    forced = t.waits or budget.max_thinking_tokens is not None
+                    t.status = "closed" if forced else "unfinished"
                 continue  # "length": the next round sees no tokens left and caps it
             before = c.text[:j]
             t.used += min(n_tokens(before), len(c.token_ids))
