@@ -259,11 +259,11 @@ def capture(
 @torch.inference_mode()
 def residuals_at(
     model,
-    input_ids: Sequence[Int[Tensor, " pos"]],
-    token_indices: Sequence[Sequence[int]],
+    input_ids: Sequence[Int[Tensor, " _pos"]],
+    token_indices: Sequence[Sequence[int] | Int[np.ndarray, " _n"]],
     layers: Sequence[int],
     hook: str = "resid_post",
-) -> list[Float[Tensor, "n layer d_model"]]:
+) -> list[Float[Tensor, "_n layer d_model"]]:
     """One padded forward over `input_ids` (a batch of 1-D id tensors); for each sequence,
     the residual states at its `token_indices` for `layers`, on the CPU in the model dtype."""
     kind = normalize_kind(hook)
