@@ -43,6 +43,7 @@ from torch import Tensor
 
 from waitlens.hooks.batching import MAX_BATCH_TOKENS, check_padding, length_batches, pad_batch
 from waitlens.hooks.logprobs import row_logprobs
+from waitlens.hooks.models import LoadedModel
 from waitlens.traces.formats import Rendered, tokenize_with_offsets
 from waitlens.traces.grading import normalize_answer
 from waitlens.traces.trajectory import Trajectory
@@ -67,7 +68,7 @@ class SuffixTokens:
     stop: set[int]  # greedy decoding stops at these
 
 
-def forcing_suffix(model, suffix: str | None = None) -> str:
+def forcing_suffix(model: LoadedModel, suffix: str | None = None) -> str:
     """The suffix to append after a prefix: `suffix` if given, else the model format's."""
     text = suffix if suffix is not None else model.format.forcing_suffix
     if not text:
@@ -80,7 +81,7 @@ def forcing_suffix(model, suffix: str | None = None) -> str:
     return text
 
 
-def suffix_tokens(model, answer: str, suffix: str | None = None) -> SuffixTokens:
+def suffix_tokens(model: LoadedModel, answer: str, suffix: str | None = None) -> SuffixTokens:
     tok = model.tokenizer
     text = forcing_suffix(model, suffix)
     close_text = model.format.answer_suffix
@@ -371,7 +372,7 @@ def _frame(model, trajectory: Trajectory, item: _Item, rd: Rendered, gold_text: 
 
 
 def answer_probabilities(
-    model,
+    model: LoadedModel,
     trajectory: Trajectory,
     prefixes: Sequence[int] | None = None,
     suffix: str | None = None,
@@ -403,7 +404,7 @@ def answer_probabilities(
 
 
 def answer_curves(
-    model,
+    model: LoadedModel,
     trajectories: Sequence[Trajectory],
     token_indices: dict[str, Iterable[int]] | None = None,
     *,

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from waitlens.hooks.models import LoadedModel
 from waitlens.hooks.points import (
     StopForward,
     hook_name,
@@ -71,7 +72,7 @@ class _Shard:
 
 
 def capture_residuals(
-    model,
+    model: LoadedModel,
     trajectories: Sequence[Trajectory],
     positions: Positions | pd.DataFrame,
     out_dir: str | Path,
@@ -220,7 +221,7 @@ class Captured:
 
 
 def capture(
-    model,
+    model: LoadedModel,
     trajectories: Sequence[Trajectory],
     positions: Positions | pd.DataFrame,
     layers: Sequence[int] | str | None = None,
@@ -258,7 +259,7 @@ def capture(
 # -- forward passes ---------------------------------------------------------------------------
 @torch.inference_mode()
 def residuals_at(
-    model,
+    model: LoadedModel,
     input_ids: Sequence[Int[Tensor, " _pos"]],
     token_indices: Sequence[Sequence[int] | Int[np.ndarray, " _n"]],
     layers: Sequence[int],

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from waitlens.hooks.batching import MAX_BATCH_TOKENS, check_padding, length_batches, pad_batch
+from waitlens.hooks.models import LoadedModel
 from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.positions import find_positions
 from waitlens.traces.trajectory import Trajectory
@@ -35,7 +36,7 @@ OCCURRENCE_COLUMNS = ["trajectory_id", "problem_id", "correct", "key", "kind", "
 LOGPROB_COLUMNS = ["token_index", "token_id", "token", "logprob"]
 
 
-def token_logprobs(model, trajectory: Trajectory) -> pd.DataFrame:
+def token_logprobs(model: LoadedModel, trajectory: Trajectory) -> pd.DataFrame:
     """One row per reasoning token: token_index (absolute), token_id, token (decoded), logprob.
 
     An empty reasoning gives an empty table (no forward pass).
@@ -44,7 +45,7 @@ def token_logprobs(model, trajectory: Trajectory) -> pd.DataFrame:
 
 
 def token_logprobs_batch(
-    model,
+    model: LoadedModel,
     trajectories: Sequence[Trajectory],
     *,
     batch_size: int = 64,
@@ -105,7 +106,7 @@ def _score(model, inputs: list[list[int]], rows: list[range], targets: list[list
     return np.split(vals, np.cumsum([len(r) for r in rows])[:-1])
 
 
-def row_logprobs(model, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
+def row_logprobs(model: LoadedModel, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
     """Log-softmax of the LM head over final hidden states (after the final norm), in float32."""
     logits = model.hf.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -137,7 +138,7 @@ def token_key(text: str) -> str:
 
 
 def token_occurrences(
-    model,
+    model: LoadedModel,
     trajectories: Sequence[Trajectory],
     lexicon: Lexicon | Iterable[str] | str | None = None,
     *,

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
+
+from waitlens.hooks.models import LoadedModel
 
 RESID_KINDS = ("resid_pre", "resid_post")
 _NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
@@ -65,7 +67,7 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
 
 
 @contextmanager
-def residual_hooks(model, fns: Mapping[str, HookFn]) -> Iterator[None]:
+def residual_hooks(model: LoadedModel, fns: Mapping[str, HookFn]) -> Iterator[None]:
     """Attach `fns` (hook name -> HookFn) to `model.blocks` for the duration of the block."""
     handles = []
     try:
@@ -106,11 +108,11 @@ def _post_hook(fn: HookFn):
     return hook
 
 
-def decoder_of(model):
+def decoder_of(model: LoadedModel) -> nn.Module:
     """The decoder stack (embeddings + blocks + final norm) of a loaded model, without its LM head."""
     return model.hf.base_model
 
 
-def lm_head_of(model):
+def lm_head_of(model: LoadedModel) -> nn.Module:
     """The unembedding of a loaded model."""
     return model.hf.get_output_embeddings()

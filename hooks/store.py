@@ -46,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
+from waitlens.hooks.models import LoadedModel
 from waitlens.traces.errors import WaitlensError
 
 FORMAT = "waitlens-activations/1"
@@ -222,7 +223,7 @@ def _weight_files(model) -> list[Path]:
     return sorted(p for p in Path(source).iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
-def weights_sha256(model) -> str:
+def weights_sha256(model: LoadedModel) -> str:
     """A sha256 naming the model's weights: over its weight files (name + sha256 of each) when they
     are on disk (a local directory, the hub cache), else over its parameters and buffers as loaded."""
     files = _weight_files(model)
@@ -237,7 +238,7 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def model_identity(model) -> dict[str, str]:
+def model_identity(model: LoadedModel) -> dict[str, str]:
     """What a store's states came from, beyond the spec: the weights and the compute dtype."""
     return {"weights_sha256": weights_sha256(model), "compute_dtype": str(model.dtype).removeprefix("torch.")}
 
