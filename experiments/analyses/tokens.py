@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
+    from waitlens.traces.tokenizers import TokenizerModel
 
 OCCURRENCE_COLUMNS = ["trajectory_id", "problem_id", "correct", "key", "kind", "token_index",
                       "n_tokens", "logprob", "rel_pos"]  # as hooks.logprobs.token_occurrences
@@ -32,12 +37,12 @@ WAIT_BY_MODEL_COLUMNS = [
 ]
 
 
-def has_weights(model) -> bool:
+def has_weights(model: LoadedModel | TokenizerModel) -> bool:
     return bool(getattr(model, "has_weights", True))
 
 
 def count_occurrences(
-    model,
+    model: LoadedModel | TokenizerModel,
     trajectories: Sequence[Trajectory],
     lexicon: Lexicon | Iterable[str] | str | None = None,
     *,

@@ -34,9 +34,13 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
 GOAL = 1.15
 TOY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -78,7 +82,7 @@ def toy_trajectory(n_tokens: int, n_positions: int, seed: int = 0):
     return Trajectory("bench", "p", "Q", " ".join(words), "7", "7", True)
 
 
-def smol_trajectory(model, n_tokens: int, n_positions: int):
+def smol_trajectory(model: LoadedModel, n_tokens: int, n_positions: int):
     from waitlens.traces import Trajectory
 
     unit = "Let me add the numbers one by one and keep a running total. "

@@ -29,8 +29,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
 REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 DEFAULT_CONFIG = REALDATA / "tokenizer" / "deepseek-r1-distill-qwen-32b" / "config.json"
@@ -114,7 +118,7 @@ def _timed(fn, device) -> tuple[float, float | None]:
     return sec, ((torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None)
 
 
-def bench_capture(model, sizes: dict) -> list[Row]:
+def bench_capture(model: LoadedModel, sizes: dict) -> list[Row]:
     import pandas as pd
 
     from waitlens.hooks.capture import capture
@@ -145,7 +149,7 @@ def bench_capture(model, sizes: dict) -> list[Row]:
     return rows
 
 
-def bench_answers(model, sizes: dict) -> list[Row]:
+def bench_answers(model: LoadedModel, sizes: dict) -> list[Row]:
     from waitlens.hooks.answer import answer_probabilities
 
     traj = trajectory(sizes["answer_T"])
@@ -165,7 +169,7 @@ def bench_answers(model, sizes: dict) -> list[Row]:
             Row(f"forced answer at {len(prefixes)} prefixes", s1, s1 / s0, m1)]
 
 
-def bench_sweep(model, sizes: dict) -> list[Row]:
+def bench_sweep(model: LoadedModel, sizes: dict) -> list[Row]:
     """Layer x position residual patch sweep: source states into the target run, KL of the next token."""
     from waitlens.hooks.points import hook_name, residual_hooks
 
@@ -222,7 +226,7 @@ def bench_sweep(model, sizes: dict) -> list[Row]:
             Row("patch sweep attribution (1 fwd + bwd)", s2, s2 / s1, m2)]
 
 
-def bench_sampling(model, sizes: dict) -> list[Row]:
+def bench_sampling(model: LoadedModel, sizes: dict) -> list[Row]:
     B, new, L = sizes["sample_batch"], sizes["sample_new"], sizes["prompt"]
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(len(WORDS), model.config.vocab_size, (B, L), generator=g).to(model.device)

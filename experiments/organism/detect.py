@@ -17,16 +17,21 @@ answers whether its next-word distribution sees the slip at all, free of samplin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from waitlens.experiments.organism.task import TOKEN_ID, CorpusSpec, make_trace, random_problem
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from waitlens.hooks.models import LoadedModel
+
 PROBE_CORPUS = CorpusSpec("detect", slip=0.3)  # plain steps, no discourse words
 
 
-def detection(model, n: int = 400, seed: int = 123, n_boot: int = 1000) -> dict[str, Any]:
+def detection(model: LoadedModel | nn.Module, n: int = 400, seed: int = 123, n_boot: int = 1000) -> dict[str, Any]:
     """Teacher-forced slip detection and the per-layer logit lens of one organism model."""
     import torch
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -34,11 +35,14 @@ from waitlens.hooks.patch_metrics import MetricInput, PatchMetric, Read
 from waitlens.traces.formats import Rendered
 from waitlens.traces.trajectory import Trajectory
 
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
+
 ORGANISM_SEPARATORS = (";", "so", "therefore")
 FORMAT_NAME = "organism"
 
 
-def is_organism(model) -> bool:
+def is_organism(model: LoadedModel) -> bool:
     """A model speaking the organism's prompt format."""
     return getattr(getattr(model, "format", None), "name", None) == FORMAT_NAME
 
@@ -58,7 +62,7 @@ def _char_span_of_word(text: str, k: int) -> tuple[int, int] | None:
     return None
 
 
-def correction_reads(model, traj: Trajectory, rd: Rendered, wait_char: int, wait_token: int,
+def correction_reads(model: LoadedModel, traj: Trajectory, rd: Rendered, wait_char: int, wait_token: int,
                      continuation_tokens: int = 4) -> list[tuple[int, int]] | None:
     """What `correction` reads for the wait at reasoning character `wait_char` (module doc):
     [(target position read, token it should predict)], or None."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from waitlens.experiments.organism.task import Problem, analyze, random_problem
 from waitlens.probes.stats import wilson_ci
 from waitlens.traces.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
 
 def resolve_spec(spec: str) -> Path:
@@ -63,7 +66,7 @@ def eval_problems(n: int, seed: int = 0) -> list[Problem]:
     return [random_problem(rng, split="eval") for _ in range(n)]
 
 
-def sample(model, n: int, *, temperature: float = 1.0, seed: int = 0, n_per_problem: int = 1,
+def sample(model: LoadedModel, n: int, *, temperature: float = 1.0, seed: int = 0, n_per_problem: int = 1,
            batch_size: int = 250, progress: bool = True) -> list[Trajectory]:
     """`n` trajectories (n // n_per_problem held-out problems), graded, with `truth`."""
     from waitlens.hooks.generate import generate_trajectories
