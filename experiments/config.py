@@ -71,6 +71,7 @@ class TrajectoryConfig:
     format: str | None = None  # jsonl/hf: records read by this format family (r1, s1, skyt1, ...), fields
     #   mapping prompt/completion/gold/... to dotted paths (traces.import_records); None: trajectory JSONL
     unfinished: str = "keep"  # imported completions that never close their reasoning: keep | drop
+    limit: int = 0  # use only each model's first N trajectories (after import); 0: all
 
 
 @dataclass
@@ -294,6 +295,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {  # inclusive (lo, hi); 
     "seed": (0, None),
     "trajectories.n_problems": (1, None),
     "trajectories.n_per_problem": (1, None),
+    "trajectories.limit": (0, None),
     "trajectories.temperature": (0, None),
     "trajectories.top_p": (1e-9, 1),
     "trajectories.max_new_tokens": (1, None),

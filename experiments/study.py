@@ -102,7 +102,7 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
         trajs = load_trajectories(resolve_path(t.path, ctx.cfg.source, "trajectories.path"))
         by_model = split_by_model(trajs, {name: m.spec for name, m in ctx.cfg.models.items()}, t.path)
         for name in ctx.cfg.models:
-            save_trajectories(by_model[name], out / f"{name}.jsonl")
+            save_trajectories(by_model[name][: t.limit or None], out / f"{name}.jsonl")
         return {"source": str(t.path), "n": len(trajs)}
     problems = load_problems(t, ctx.cfg.seed)
     summary = {}
@@ -129,6 +129,9 @@ def _import_trajectories(ctx: RunContext, per_model: dict, out: Path) -> dict[st
 
     cache: dict[tuple, list] = {}
     summary = {}
+    # one [trajectories] table for every model (no per-model tables): the same records serve
+    # every model, imported once with the same ids (as a trajectory file without `model` keys)
+    shared = not any(ctx.cfg.models[n].trajectories for n in per_model)
     for name, mt in per_model.items():
         if mt.source not in ("jsonl", "hf") or not mt.format:
             raise ConfigError(f"{ctx.cfg.source}: models.{name}: every model needs imported trajectories "
@@ -142,8 +145,10 @@ def _import_trajectories(ctx: RunContext, per_model: dict, out: Path) -> dict[st
             if key not in cache:
                 cache[key] = load_hf_records(mt.dataset, mt.split)
         ctx.log(f"trajectories: importing {name} from {key[1]} ({mt.format})")
-        trajs = import_records(cache[key], format=mt.format, fields=mt.fields, model=name, source=key[1],
-                               unfinished=mt.unfinished)
+        trajs = import_records(cache[key], format=mt.format, fields=mt.fields, model=None if shared else name,
+                               source=key[1], unfinished=mt.unfinished)
+        if mt.limit:
+            trajs = trajs[: mt.limit]
         save_trajectories(trajs, out / f"{name}.jsonl")
         finished = [x for x in trajs if x.extra.get("finished", True)]
         summary[name] = {"source": key[1], "format": mt.format, "n": len(trajs), "finished": len(finished),

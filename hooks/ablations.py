@@ -124,10 +124,39 @@ def ablate_text(traj: Trajectory, kind: str, *, word: str = "wait", neutral: str
     return join_steps(steps2, seps2, separators), None
 
 
+FULL_LOGPROBS_MAX = 1 << 22  # positions x vocabulary up to which every position's log-probs are computed
+
+
+class _RowLogprobs:
+    """Next-token log-probs of one forward, computed only at the rows read (``lp[i, tok]``,
+    ``lp[[i, j]]``): with a 150k vocabulary, all rows of a long trajectory are gigabytes."""
+
+    def __init__(self, model, hidden: torch.Tensor):
+        from waitlens.hooks.points import lm_head_of
+
+        self.head, self.hidden, self.rows = lm_head_of(model), hidden, {}
+
+    def _row(self, i: int) -> torch.Tensor:
+        if i not in self.rows:
+            with torch.inference_mode():
+                self.rows[i] = torch.log_softmax(self.head(self.hidden[i]).float(), -1)
+        return self.rows[i]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, t = key
+            return self._row(int(i))[t]
+        return torch.stack([self._row(int(i)) for i in key])
+
+
 @torch.inference_mode()
-def _logprobs(model, ids: list[int]) -> torch.Tensor:
+def _logprobs(model, ids: list[int]):
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
-    return torch.log_softmax(model.hf(input_ids=x, use_cache=False).logits[0].float(), -1)
+    if len(ids) * int(model.config.vocab_size) <= FULL_LOGPROBS_MAX:
+        return torch.log_softmax(model.hf(input_ids=x, use_cache=False).logits[0].float(), -1)
+    from waitlens.hooks.points import decoder_of
+
+    return _RowLogprobs(model, decoder_of(model)(input_ids=x, use_cache=False).last_hidden_state[0])
 
 
 def _gold(lp, ids, span) -> float:

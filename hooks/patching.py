@@ -122,6 +122,9 @@ def run_patched(model, ids: Sequence[int], patches: dict[tuple[int, int], Tensor
     return logits, seen
 
 
+MIN_CUT = 32  # a tail stops at its last read only when that saves at least this many tokens
+
+
 def _cells(case: PatchCase, window: tuple[int, int]) -> dict[int, list[tuple[int, int]]]:
     """target position -> [(anchor index, rel_pos)] for every in-reasoning window cell."""
     cells: dict[int, list[tuple[int, int]]] = {}
@@ -203,10 +206,16 @@ def _tail_rows(target, seq: Sequence[int], p: int, rows: list[tuple[int, Tensor]
                cache, use_cache: bool) -> Tensor:
     """Log-probs [row, len(sel), vocab] at positions `sel` (all >= p) of `seq`, row j patched at
     position p with rows[j] = (layer, state) (None: unpatched); the first p tokens come from the
-    clean cache (its first p entries are `seq[:p]`'s) or, without `use_cache`, are re-run."""
+    clean cache (its first p entries are `seq[:p]`'s) or, without `use_cache`, are re-run. The
+    forward stops at the last position read when that saves `MIN_CUT` tokens or more (a shorter
+    forward is equal to a full one up to float error, ~1e-8, not bit for bit; an identical state is
+    never re-run by default, so the null patch stays exactly zero)."""
     B = len(rows)
     start = p if use_cache and p > 0 else 0
-    ids = torch.tensor(list(seq[start:]), dtype=torch.long, device=target.device)
+    end = max(sel) + 1  # causal: nothing after the last read changes what is read
+    if len(seq) - end < MIN_CUT:  # too little to gain: run to the end (the same floats as a full tail)
+        end = len(seq)
+    ids = torch.tensor(list(seq[start:end]), dtype=torch.long, device=target.device)
     x = ids.unsqueeze(0).expand(B, -1)
     fns = {}
     for j, row in enumerate(rows):
@@ -270,7 +279,7 @@ def _patch_case(source, target, case: PatchCase, layers, window, metrics: list[P
     for k, p in enumerate(patched):
         todo = [(li, layer) for li, layer in enumerate(layers)
                 if not (skip_identical and torch.equal(src[li, k], tgt[li, k]))]
-        lookups = {layer: clean_lookup for layer in layers}  # identical states: the clean run
+        lookups: dict[int, object] = {}
         # only what this position's cells read: the trajectory after p, and the branches that
         # leave the trajectory after p (one that leaves before p is not patched)
         need = [r for local in range(len(cells[p])) for rs in plan[(p, local)] for r in (rs or ())]
@@ -281,12 +290,13 @@ def _patch_case(source, target, case: PatchCase, layers, window, metrics: list[P
             if r.branch is not None and forks[r.branch] > p:
                 live.setdefault(r.branch, set()).add(r.position)
         live = {b: sorted(ps) for b, ps in live.items()}
+        end = T if not sel or T - max(sel) - 1 < MIN_CUT else max(sel) + 1
         for b0 in range(0, len(todo), batch_size):
             chunk = todo[b0:b0 + batch_size]
             rows = [(layer, src[li, k]) for li, layer in chunk]
             lp_rows = _tail_rows(target, case.target_ids, p, rows, sel, cache, use_cache) if sel else None
             cost["tail_rows"] += len(chunk)
-            cost["tail_token_fraction"] += len(chunk) * (T - p if use_cache else T) / T
+            cost["tail_token_fraction"] += len(chunk) * (end - (p if use_cache else 0)) / T
             br_rows = {}
             for b, ps in live.items():
                 br_rows[b] = (_tail_rows(target, b, p, rows, ps, cache, use_cache), {q: i for i, q in enumerate(ps)})
@@ -302,6 +312,8 @@ def _patch_case(source, target, case: PatchCase, layers, window, metrics: list[P
                     lp_b, at_b = br_rows[r.branch]
                     return lp_b[j, at_b[r.position]]
                 lookups[layer] = lookup
+        for layer in layers:
+            lookups.setdefault(layer, clean_lookup)  # identical states: the clean run
         for local, (ai, rel) in enumerate(cells[p]):
             a = case.anchors[ai]
             clean = {mi: _value(m(MetricInput(target, case, a, p, plan[(p, local)][mi], clean_lookup, clean_lookup)))

@@ -54,3 +54,18 @@ def test_ablate_metrics(tmp_path):
     assert t[t["metric"] == "continuation"]["effect"].notna().all()
     t2, _ = ablate(m, trajs[:3], "shuffle-steps", separators=SEPS)
     assert t2[t2["metric"] == "gold_prob"]["effect"].notna().all()
+
+
+def test_row_logprobs_equal_full_logprobs(tmp_path, monkeypatch):
+    """With a large vocabulary only the rows read are unembedded: the same numbers as all rows."""
+    import waitlens.hooks.ablations as ab
+
+    torch.set_num_threads(1)
+    m = load_model(str(make_tiny_qwen(tmp_path / "m")), device="cpu", dtype="float32")
+    trajs = [tiny_trajectory(i) for i in range(3)]
+    full = {k: ablate(m, trajs, k, separators=SEPS)[0] for k in ("remove-wait", "shuffle-steps")}
+    monkeypatch.setattr(ab, "FULL_LOGPROBS_MAX", 0)
+    for k, t in full.items():
+        rows = ablate(m, trajs, k, separators=SEPS)[0]
+        np.testing.assert_allclose(rows[["clean", "ablated", "effect"]].to_numpy(float),
+                                   t[["clean", "ablated", "effect"]].to_numpy(float), atol=1e-6, rtol=1e-5)

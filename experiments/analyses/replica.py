@@ -113,6 +113,21 @@ def build_replica(spec: str, out: str | os.PathLike | None = None, *, n_layers: 
                        format=format or src.format, overwrite=overwrite, spec_name=spec)
 
 
+def resolve(variant: str) -> Path:
+    """The ``replica`` model family (entry point ``waitlens.models``): ``replica:NAME`` or
+    ``replica:NAME@SEED`` is the 2-layer, d_model-64 replica of a known real model, built on
+    first use into the cache (`build_replica`)."""
+    name, _, seed = variant.partition("@")
+    if known_replica(name) is None:
+        raise ReplicaError(f"no known replica {name!r}; known: {sorted(KNOWN_REPLICAS)} "
+                           "(any other model: waitlens replica SPEC --out DIR, then use DIR)")
+    try:
+        n = int(seed) if seed else 0
+    except ValueError:
+        raise ReplicaError(f"replica seed must be a whole number, got {seed!r} in {variant!r}") from None
+    return build_replica(name, seed=n)
+
+
 # ---------------------------------------------------------------------------------------------
 # the dry run
 DRY_RUN_CAPS = {"n_problems": 6, "n_per_problem": 1, "max_new_tokens": 48, "answers": 6, "patching": 4,
@@ -168,4 +183,5 @@ def dry_run_config(cfg, *, n_layers: int = 2, d_model: int = 64):
     return dry
 
 
-__all__ = ["KNOWN_REPLICAS", "ReplicaSource", "build_replica", "dry_run_config", "known_replica", "realdata_dir"]
+__all__ = ["KNOWN_REPLICAS", "ReplicaSource", "build_replica", "dry_run_config", "known_replica", "realdata_dir",
+           "resolve"]
