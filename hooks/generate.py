@@ -25,11 +25,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from waitlens.traces.formats import PromptFormat, parse_completion, render_head
 from waitlens.traces.grading import grade
 from waitlens.traces.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
+    from waitlens.hooks.vllm_engine import VLLMEngine
 
 
 class BudgetError(ValueError):
@@ -138,7 +142,7 @@ def as_engine(model_or_engine):
 
 
 def generate(
-    model,
+    model: LoadedModel | HFEngine | VLLMEngine,
     prompts: Sequence[str],
     *,
     temperature: float = 1.0,
@@ -160,7 +164,7 @@ def generate(
 
 
 def continue_texts(
-    model,
+    model: LoadedModel | HFEngine | VLLMEngine,
     heads: Sequence[str],
     *,
     temperature: float = 1.0,
@@ -374,7 +378,7 @@ def reasoning_offsets(completion: str, reasoning: str, offsets: Sequence[int], w
 
 # -- trajectories -----------------------------------------------------------------------------
 def generate_trajectories(
-    model,
+    model: LoadedModel | HFEngine | VLLMEngine,
     problems: Sequence[Any],
     n_per_problem: int = 1,
     *,

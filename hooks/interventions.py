@@ -14,11 +14,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from waitlens.hooks.generate import (
     Budget,
+    HFEngine,
     Sampling,
     as_engine,
     forced_completions,
@@ -29,6 +31,10 @@ from waitlens.hooks.generate import (
 from waitlens.traces.formats import render_head
 from waitlens.traces.grading import grade
 from waitlens.traces.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
+    from waitlens.hooks.vllm_engine import VLLMEngine
 
 AT = ("end", "steps")
 CHANGES = ("fix", "break", "kept-right", "kept-wrong")
@@ -87,7 +93,7 @@ class Intervention:
 
 
 def force_wait(
-    model,
+    model: LoadedModel | HFEngine | VLLMEngine,
     trajectories: Sequence[Trajectory],
     *,
     at: str = "end",
