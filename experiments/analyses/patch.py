@@ -16,11 +16,16 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
+    from waitlens.traces.trajectory import Trajectory
 
 ORGANISM_DEFAULT_METRICS = ("kl", "correction", "gold_prob")
 
 
-def default_metrics(target) -> tuple[str, ...]:
+def default_metrics(target: LoadedModel) -> tuple[str, ...]:
     """The organism's metrics on the organism, else the model-agnostic built-ins."""
     from waitlens.experiments.organism.metrics import is_organism
     from waitlens.hooks.patch_metrics import DEFAULT_METRICS
@@ -157,7 +162,7 @@ def _sampled(pairs, trajs, *, layers, window, n_boot, seed, progress):
     return f"{int((table['control'] == 'clean').sum())} waits after slips per direction", table, effects
 
 
-def ablation_options(model, separators="auto"):
+def ablation_options(model: LoadedModel, separators="auto"):
     """(separators, pick_wait, readouts) for `hooks.ablations.ablate` on this model: the
     organism's separators and correction read-out on the organism; sentences and the
     continuation read-out elsewhere; the first wait after a slip where ground truth says so."""
@@ -178,7 +183,7 @@ def ablation_options(model, separators="auto"):
     return separators, first_wait_after_slip, readouts
 
 
-def ablate_to_dir(model, trajs, out: Path, *, kinds: Sequence[str], word="wait", neutral=None, separators="auto",
+def ablate_to_dir(model: LoadedModel, trajs: Sequence[Trajectory], out: Path, *, kinds: Sequence[str], word="wait", neutral=None, separators="auto",
                   kl_positions=8, n_boot=1000, seed=0, progress=True, model_name: str | None = None):
     """Run each ablation kind on `trajs`, write tables and a figure into `out`; returns the summary table."""
     import pandas as pd
