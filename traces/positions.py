@@ -14,6 +14,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,9 @@ from waitlens.traces.formats import PromptFormat, Rendered, get_format, render, 
 from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.trajectory import Trajectory
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 COLUMNS = [
     "trajectory_id", "problem_id", "word", "surface", "anchor", "token_index",
     "span_start", "span_end", "rel_index", "frac", "n_reasoning_tokens", "correct",
@@ -29,6 +33,14 @@ COLUMNS = [
 ]
 ANCHORS = ("first", "last", "both")
 CONTROL_WORD = "<control>"  # the `word` of control positions (random non-discourse tokens)
+
+
+class TokenizedModel(Protocol):
+    """What positions need of a model: its tokenizer and prompt format (a `LoadedModel` from
+    `hooks.load_model`, or a weightless `traces.tokenizers.TokenizerModel`)."""
+
+    tokenizer: Any
+    format: PromptFormat
 
 
 @dataclass
@@ -67,7 +79,7 @@ class Positions:
         return Positions(pd.concat([self.table, other.table], ignore_index=True), self.lexicon, self.format, self.info)
 
 
-def _resolve(model, fmt):
+def _resolve(model: TokenizedModel | PreTrainedTokenizerBase, fmt: PromptFormat | str | None):
     """Accept a model object carrying a tokenizer and a format (a `hooks.load_model` result or
     a weightless `traces.tokenizers.TokenizerModel`) or a bare tokenizer (+ format)."""
     tok = getattr(model, "tokenizer", model)
@@ -77,7 +89,7 @@ def _resolve(model, fmt):
 
 
 def find_positions(
-    model,
+    model: TokenizedModel | PreTrainedTokenizerBase,
     trajectories: Sequence[Trajectory],
     lexicon: Lexicon | Sequence[str] | str | None = None,
     *,
@@ -356,7 +368,7 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def control_positions(
-    model,
+    model: TokenizedModel | PreTrainedTokenizerBase,
     trajectories: Sequence[Trajectory],
     positions: Positions,
     *,
