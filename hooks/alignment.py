@@ -11,15 +11,19 @@ that says where the two tokenizations part.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from waitlens.traces.formats import Rendered
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
 
 class PairError(ValueError):
     """Two models (or a trajectory) that cannot be patched into each other."""
 
 
-def check_pair(source, target) -> None:
+def check_pair(source: LoadedModel, target: LoadedModel) -> None:
     """Same layer count and residual width, else PairError naming both."""
     if source.n_layers != target.n_layers or source.d_model != target.d_model:
         raise PairError(

@@ -136,7 +136,7 @@ class HFEngine:
         return out
 
 
-def as_engine(model_or_engine):
+def as_engine(model_or_engine: LoadedModel | HFEngine | VLLMEngine) -> HFEngine | VLLMEngine:
     """An engine for `model_or_engine`: engines pass through, a loaded model gets `HFEngine`."""
     return model_or_engine if hasattr(model_or_engine, "continue_batch") else HFEngine(model_or_engine)
 
@@ -238,7 +238,7 @@ class Thought:
     status: str = "thinking"  # thinking | closed | capped | unfinished
 
 
-def think(engine, heads: Sequence[str], thoughts: list[Thought], *, budget: Budget, max_new_tokens: int,
+def think(engine: HFEngine | VLLMEngine, heads: Sequence[str], thoughts: list[Thought], *, budget: Budget, max_new_tokens: int,
           sampling: Sampling, progress: bool = False) -> list[Thought]:
     """Run every row's reasoning to its end under `budget`, in rounds: each round continues all
     rows still thinking; a row that closes its reasoning either gets `extend_word` in place of
@@ -320,7 +320,7 @@ def _trim_to_tokens(tok, text: str, limit: int) -> str:
     return text
 
 
-def answer_after(engine, heads: Sequence[str], reasonings: Sequence[str], *, answer_tokens: int,
+def answer_after(engine: HFEngine | VLLMEngine, heads: Sequence[str], reasonings: Sequence[str], *, answer_tokens: int,
                  sampling: Sampling, progress: bool = False) -> list[str]:
     """The completion `reasoning + forcing suffix + answer` for each row, the answer sampled
     with `sampling` (at most `answer_tokens` tokens, cut at the format's answer suffix)."""
@@ -341,7 +341,7 @@ def answer_after(engine, heads: Sequence[str], reasonings: Sequence[str], *, ans
     return out
 
 
-def forced_completions(engine, heads: Sequence[str], *, budget: Budget, max_new_tokens: int, sampling: Sampling,
+def forced_completions(engine: HFEngine | VLLMEngine, heads: Sequence[str], *, budget: Budget, max_new_tokens: int, sampling: Sampling,
                        prefixes: Sequence[str] | None = None, prefix_waits: Sequence[list[int]] | None = None,
                        progress: bool = False) -> list[tuple[str, Thought]]:
     """(completion, its Thought) per head under `budget`, starting each row's reasoning from

@@ -41,7 +41,7 @@ def resolve_study_metrics(metrics, *, kl_positions: int = 8):
     return resolve_metrics(metrics, kl_positions=kl_positions, extra=ORGANISM_METRICS)
 
 
-def same_model(source, target) -> bool:
+def same_model(source: LoadedModel, target: LoadedModel) -> bool:
     """One model (or two loads of one spec): patching it into itself is the null patch."""
     return source is target or source.spec == target.spec
 
@@ -67,7 +67,7 @@ class _Staging:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def patch_to_dir(source, target, trajs, out: Path, *, layers="all", window="-2:4", metrics=None, word="wait",
+def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Trajectory], out: Path, *, layers="all", window="-2:4", metrics=None, word="wait",
                  both_directions=True, control=True, attribution=False, sampled=False, kl_positions=8,
                  n_boot=1000, seed=0, progress=True, manifest: dict | None = None) -> dict:
     """Patch `source` -> `target` (and back), write tables and figures into `out`; returns a summary.

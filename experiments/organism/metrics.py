@@ -157,7 +157,7 @@ def organism_recheck_correct(continuation: str, wait: dict) -> tuple[bool, int |
     return ok, value
 
 
-def sampled_corrections(source, target, trajectories: Sequence[Trajectory], *, layers=None,
+def sampled_corrections(source: LoadedModel, target: LoadedModel, trajectories: Sequence[Trajectory], *, layers=None,
                         rel_positions: Sequence[int] = (-2, -1, 0), max_new_tokens: int = 8, seed: int = 0,
                         progress: bool = False) -> pd.DataFrame:
     """Greedy continuations of the target after each after-slip wait, clean and patched; the
