@@ -8,6 +8,9 @@
 - ``sft-1k-vigilant`` / ``post-large-vigilant``: the same base fine-tuned on 1,000 / 224,000
   vigilant traces (`task.VIGILANT_CORPUS`: every slip re-checked, hesitations after some
   correct steps). Post-training this long on that corpus teaches slip detection.
+- opt-in recipe ``paced`` (`PACED`, ``organism train --recipe paced --out DIR``): the base is
+  stopped at a held-out slip level (0.30 per step) instead of a fixed step count, so every seed's
+  base sits at the same point of its arithmetic jump and SFT's accuracy jump holds at every seed.
 
 Loss is on the solution tokens only (reasoning, answer, eos). Everything — initialisation,
 data, order — comes from the seed; with the same torch build and thread count a retrain is
