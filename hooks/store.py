@@ -47,6 +47,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from waitlens.hooks.models import LoadedModel
+from waitlens.traces.atomic import atomic_write, write_json
 from waitlens.traces.errors import WaitlensError
 
 FORMAT = "waitlens-activations/1"
@@ -56,8 +57,6 @@ TENSOR = "states"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The columns every store's metadata has (the issue's contract with the probes).
 REQUIRED_COLUMNS = ("trajectory_id", "problem_id", "word", "token_index", "rel_index", "frac", "correct")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _STR_COLUMNS = ("trajectory_id", "problem_id", "word", "surface", "anchor", "model")
 
 
@@ -107,21 +106,9 @@ def now() -> str:
 # -- atomic writes ----------------------------------------------------------------------------
 def _atomic(path: Path, write) -> None:
     """Call `write(tmp_path)`, fsync, and rename onto `path` (no partial file is ever visible)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def write_csv(path: Path, table: pd.DataFrame) -> None:

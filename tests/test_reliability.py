@@ -475,3 +475,22 @@ def test_11_files_follow_the_umask_and_logs_name_final_paths(root, tmp_path, cap
     out = capsys.readouterr()
     assert str(run_dir / "probes" / "probe_results.csv") in out.out
     assert ".partial" not in out.out + out.err
+
+
+def test_every_atomic_writer_gives_the_umask_permissions(tmp_path):
+    """Figures, JSON and trajectories all go through traces.atomic (mkstemp alone makes 0600)."""
+    import matplotlib.pyplot as plt
+
+    from waitlens.experiments.plots import save_figure
+    from waitlens.traces.atomic import atomic_write, write_json
+
+    old = os.umask(0o027)
+    try:
+        paths = [save_figure(plt.figure(), tmp_path / "f.png"), write_json(tmp_path / "m.json", {"a": 1})]
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in paths] == [0o640, 0o640]
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "m.json", lambda tmp: (tmp.write_text("half"), (_ for _ in ()).throw(RuntimeError())))
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "m.json"]

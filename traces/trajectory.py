@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waitlens.traces.atomic import atomic_write
 from waitlens.traces.errors import WaitlensError
 
 REQUIRED_KEYS = ("id", "problem_id", "prompt", "reasoning", "answer", "gold")
@@ -132,24 +132,8 @@ def load_trajectories(path: str | os.PathLike, *, grade_missing: bool = True) ->
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_trajectories(trajectories: Iterable[Trajectory], path: str | os.PathLike) -> Path:
     """Write trajectories as JSONL, atomically (a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for t in trajectories:
-                fh.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the umask's permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    lines = [json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in trajectories]
+    path = atomic_write(path, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
     return path

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from waitlens.experiments.organism.registry import REGIMES
+from waitlens.traces.atomic import write_json
 
 MODEL_HELP = f"organism:<regime> ({', '.join(REGIMES)}) or a regime directory from `train --out`"
 
@@ -122,12 +120,7 @@ def cmd_eval(args) -> int:
     print(f"n={args.n} trajectories per model, temperature {args.temperature}, seed {args.seed}")
     print(format_table(results))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"n": args.n, "temperature": args.temperature, "seed": args.seed, "results": results}, fh, indent=2)
-        os.replace(tmp, path)
+        write_json(args.json, {"n": args.n, "temperature": args.temperature, "seed": args.seed, "results": results})
     sys.stdout.flush()
     return 0
 
@@ -155,12 +148,7 @@ def cmd_probe(args) -> int:
     print(f"each model on its own samples: n={args.n} trajectories, temperature {args.temperature}, seed {args.seed}")
     print(format_probe(records))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"n": args.n, "temperature": args.temperature, "seed": args.seed,
-                       "results": [r.to_dict() for r in records]}, fh, indent=2)
-        os.replace(tmp, path)
+        write_json(args.json, {"n": args.n, "temperature": args.temperature, "seed": args.seed,
+                               "results": [r.to_dict() for r in records]})
     sys.stdout.flush()
     return 0
