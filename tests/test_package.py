@@ -35,3 +35,17 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "waitlens = waitlens.experiments.cli:main" in entry
     assert "organism = waitlens.experiments.organism.registry:resolve" in entry
+
+
+@pytest.mark.slow
+def test_the_readme_notebook_example_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = Path(waitlens.__file__).resolve().parents[1] / "README.md"
+    code = re.search(r"## In a notebook\n\n```python\n(.*?)```", readme.read_text(), re.S).group(1)
+    head = readme.read_text().split("\n")[:60]
+    assert "## In a notebook" in head and "pip install ." in "\n".join(head)  # the first screen
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "auroc" in out.stdout and "control_random_auroc" in out.stdout
