@@ -31,6 +31,7 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,9 @@ from waitlens.hooks.patch_cases import gold_version
 from waitlens.traces.formats import Rendered
 from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
 KINDS = ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps")
 COLUMNS = ["trajectory_id", "problem_id", "kind", "metric", "clean", "ablated", "effect"]
@@ -55,7 +59,7 @@ def neutral_word(tokenizer, candidates: Sequence[str] = ("then", "and", ";")) ->
     raise ValueError(f"none of {list(candidates)} is in the tokenizer's vocabulary; pass neutral=")
 
 
-def continuation_reads(model, traj: Trajectory, rd: Rendered, wait_char: int, wait_token: int,
+def continuation_reads(model: LoadedModel, traj: Trajectory, rd: Rendered, wait_char: int, wait_token: int,
                        continuation_tokens: int = 4) -> list[tuple[int, int]] | None:
     """The wait's own next `continuation_tokens` tokens: [(position read, token it predicts)]."""
     t1 = rd.reasoning_tokens[1]
@@ -163,7 +167,7 @@ def _gold(lp, ids, span) -> float:
     return float(sum(lp[i - 1, ids[i]] for i in range(*span)).exp()) if span[1] > span[0] else float("nan")
 
 
-def ablate(model, trajectories: Sequence[Trajectory], kind: str, *, word: str = "wait", neutral: str | None = None,
+def ablate(model: LoadedModel, trajectories: Sequence[Trajectory], kind: str, *, word: str = "wait", neutral: str | None = None,
            separators: Sequence[str] | None = None, kl_positions: int = 8, seed: int = 0,
            pick_wait: PickWait | None = None, readouts: Mapping[str, Callable] | None = None,
            progress: bool = False) -> tuple[pd.DataFrame, dict]:

@@ -13,6 +13,7 @@ share one backward. `hooks.patching.patch(..., attribution=True)` (or
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,8 +22,11 @@ from waitlens.hooks.patch_cases import PatchCase, Reads
 from waitlens.hooks.patch_metrics import MetricInput, PatchMetric, Read
 from waitlens.hooks.points import decoder_of, hook_name, lm_head_of, residual_hooks
 
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
-def attribution_estimates(target, case: PatchCase, layers, metrics: list[PatchMetric], all_metrics: list[PatchMetric],
+
+def attribution_estimates(target: LoadedModel, case: PatchCase, layers, metrics: list[PatchMetric], all_metrics: list[PatchMetric],
                           ctx, cost) -> dict:
     """{(position, anchor group, control, rel_pos, layer, metric name): estimate} for one case.
 

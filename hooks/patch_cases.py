@@ -8,6 +8,7 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,9 @@ from waitlens.traces.formats import Rendered
 from waitlens.traces.lexicon import Lexicon
 from waitlens.traces.positions import CONTROL_WORD, Positions, find_positions
 from waitlens.traces.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
 DEFAULT_WINDOW = (-2, 4)
 
@@ -106,7 +110,7 @@ def word_index(text: str, char: int) -> int:
     return len(text[:char].split())
 
 
-def prepare_cases(source, target, trajectories: Sequence[Trajectory], positions: Positions | None = None, *,
+def prepare_cases(source: LoadedModel, target: LoadedModel, trajectories: Sequence[Trajectory], positions: Positions | None = None, *,
                   word: str = "wait", control: bool = True, seed: int = 0) -> tuple[list[PatchCase], dict]:
     """Check the pair, align every trajectory, find its waits (and random controls).
 

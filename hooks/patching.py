@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from waitlens.hooks.attribution import attribution_estimates
+from waitlens.hooks.models import LoadedModel
 from waitlens.hooks.patch_cases import (
     DEFAULT_WINDOW,
     ROW_COLUMNS,
@@ -70,7 +71,7 @@ from waitlens.traces.trajectory import Trajectory
 # ---------------------------------------------------------------------------------------------
 # forward passes
 @torch.inference_mode()
-def capture_resid_pre(model, ids: Sequence[int], positions: Sequence[int],
+def capture_resid_pre(model: LoadedModel, ids: Sequence[int], positions: Sequence[int],
                       layers: Sequence[int]) -> Float[Tensor, "layer pos d_model"]:
     """Residual states entering each of `layers` at `positions` (one forward, stopped early)."""
     layers = list(layers)
@@ -94,7 +95,7 @@ def capture_resid_pre(model, ids: Sequence[int], positions: Sequence[int],
     return torch.stack([out[layer] for layer in layers])
 
 
-def run_patched(model, ids: Sequence[int], patches: dict[tuple[int, int], Tensor], *,
+def run_patched(model: LoadedModel, ids: Sequence[int], patches: dict[tuple[int, int], Tensor], *,
                 capture: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
     """One full forward with `patches` {(layer, position): state} applied at resid_pre.
 
@@ -145,7 +146,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def plan_reads(target, case: PatchCase, cells, metrics: Sequence[PatchMetric]):
+def plan_reads(target: LoadedModel, case: PatchCase, cells, metrics: Sequence[PatchMetric]):
     """{(position, local cell index): [reads or None per metric]} and each branch's fork.
 
     A branch read before the branch leaves the trajectory is the trajectory's own read (with
@@ -332,8 +333,8 @@ def _patch_case(source, target, case: PatchCase, layers, window, metrics: list[P
 
 
 def patch(
-    source,
-    target,
+    source: LoadedModel,
+    target: LoadedModel,
     trajectories: Sequence[Trajectory],
     positions: Positions | None = None,
     layers=None,
@@ -390,7 +391,7 @@ def patch(
     return PatchResult(table, info)
 
 
-def attribute(source, target, trajectories, positions=None, layers=None, *, window=DEFAULT_WINDOW,
+def attribute(source: LoadedModel, target: LoadedModel, trajectories: Sequence[Trajectory], positions=None, layers=None, *, window=DEFAULT_WINDOW,
               metrics=("gold_prob", "recheck"), **kwargs) -> PatchResult:
     """Exact patching and attribution patching on the same grid (the `attribution` column).
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -36,6 +36,9 @@ from waitlens.hooks.patch_cases import prepare_cases, word_index
 from waitlens.hooks.patching import capture_resid_pre
 from waitlens.hooks.points import hook_name, residual_hooks, resolve_layers
 from waitlens.traces.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from waitlens.hooks.models import LoadedModel
 
 SAMPLED_COLUMNS = ["trajectory_id", "problem_id", "direction", "control", "layer", "rel_pos", "wait_word",
                    "corrected", "value", "continuation"]
@@ -81,7 +84,7 @@ def _decode(model, ids: list[int]) -> str:
     return model.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def sampled_continuations(source, target, trajectories: Sequence[Trajectory], *,
+def sampled_continuations(source: LoadedModel, target: LoadedModel, trajectories: Sequence[Trajectory], *,
                           select: Callable[[Trajectory], dict[int, Any]],
                           judge: Callable[[str, Any], tuple[bool, int | None]], layers=None,
                           rel_positions: Sequence[int] = (-2, -1, 0), max_new_tokens: int = 8, seed: int = 0,

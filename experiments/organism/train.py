@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from waitlens.experiments.organism.task import (
     make_trace,
     random_problem,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_SEED = 0
 MANIFEST = "waitlens_organism.json"
@@ -126,7 +130,7 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train_steps(model, batches, *, lr: float, warmup: int, desc: str, total: int | None = None,
+def train_steps(model: PreTrainedModel, batches, *, lr: float, warmup: int, desc: str, total: int | None = None,
                 progress: bool = True, stop=None, check_every: int = 10) -> dict:
     """Run AdamW over an iterable of (x, y) batches with warmup + cosine decay to 10%.
 
@@ -256,7 +260,7 @@ def slip_probe_batch(seed: int, n: int = 256):
     return x, eq
 
 
-def base_slip(model, probe) -> float:
+def base_slip(model: PreTrainedModel, probe) -> float:
     """Held-out teacher-forced slip rate: 1 - mean P(the correct value) at each step's "="."""
     import torch
 
@@ -275,7 +279,7 @@ def corpus_of(regime: str) -> CorpusSpec:
     return VIGILANT_CORPUS if regime.endswith("-vigilant") else TRACE_CORPUS
 
 
-def save_regime(model, out: Path, regime: str, seed: int, config: TrainConfig, stats: dict) -> Path:
+def save_regime(model: PreTrainedModel, out: Path, regime: str, seed: int, config: TrainConfig, stats: dict) -> Path:
     """Write one regime as a plain HF directory, atomically (temp dir renamed into place)."""
     from waitlens.experiments.organism.model import FORMAT, build_tokenizer
 
