@@ -374,7 +374,7 @@ def _frame(model, trajectory: Trajectory, item: _Item, rd: Rendered, gold_text: 
 def answer_probabilities(
     model: LoadedModel,
     trajectory: Trajectory,
-    prefixes: Sequence[int] | None = None,
+    prefixes: Sequence[int | np.integer] | None = None,
     suffix: str | None = None,
     *,
     answer: str | None = None,
