@@ -121,7 +121,7 @@ def test_tokenizer_round_trip(tmp_path):
             assert rd.reasoning_tokens[0] == n_head
     # discourse positions are found in the organism's tokenization
     traj = Trajectory("t", "p", "Q 3 + 7 - 8 ;", "3 + 7 = 1 wait 3 + 7 = 0 so 0 - 8 = 2", "2", "2")
-    pos = find_positions(tok, [traj], fmt=FORMAT)
+    pos = find_positions(tok, [traj], format=FORMAT)
     assert set(pos.table["word"]) >= {"wait", "so"}
 
 
@@ -264,7 +264,7 @@ def test_wait_truth_columns_match_what_the_generator_planted(tmp_path):
         at = [j for j, w in enumerate(words) if w == "wait"]
         expected[t.id] = [(float(w["after_slip"]), float(int(words[j - 1]) != p.true_values()[w["step"]]))
                           for j, w in zip(at, planted["waits"], strict=True)]
-    meta = add_wait_truth(find_positions(tok, trajs, fmt=FORMAT).table, trajs)
+    meta = add_wait_truth(find_positions(tok, trajs, format=FORMAT).table, trajs)
     waits = meta[meta["word"] == "wait"].sort_values(["trajectory_id", "token_index"])
     got = {tid: list(map(tuple, g[["after_slip", "value_wrong"]].to_numpy())) for tid, g in waits.groupby("trajectory_id")}
     assert got == {k: v for k, v in expected.items() if v}
