@@ -16,9 +16,14 @@ import argparse
 import json
 import statistics
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from waitlens.hooks.generate import HFEngine
+    from waitlens.hooks.vllm_engine import VLLMEngine
 
 
-def measure(engine, heads, *, new_tokens: int, temperature: float, seed: int) -> dict:
+def measure(engine: HFEngine | VLLMEngine, heads: list[str], *, new_tokens: int, temperature: float, seed: int) -> dict:
     from waitlens.hooks.generate import Sampling
 
     t0 = time.perf_counter()
