@@ -27,7 +27,7 @@ tokens (the closing ``answer_suffix`` such as ``"}"`` is *not* included unless
 ``include_close=True``, which then also scores it). ``top_answer`` = greedy decode after the
 forcing tokens, at most ``max_answer_tokens`` tokens (default: as many as the gold answer
 has), stopping at eos or at the first token of ``answer_suffix``; ``top_logprob`` its
-log-probability. For a one-token answer (the organism) this is the argmax of the next token.
+log-probability. For a one-token answer this is the argmax of the next token.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def step_boundaries(reasoning: str) -> list[int]:
 
 
 def default_word(tokenizer, word: str = "Wait") -> str:
-    """`word` if the tokenizer knows it, else its lower case (the organism's vocabulary has only
-    "wait")."""
+    """`word` if the tokenizer knows it, else its lower case (a small word-level vocabulary may
+    have only "wait")."""
     unk = getattr(tokenizer, "unk_token_id", None)
     ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
     return word.lower() if unk is not None and unk in ids else word
