@@ -249,7 +249,7 @@ def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
-    from waitlens.experiments.commands.probe import probe_to_dir
+    from waitlens.experiments.analyses.probe import probe_to_dir
 
     _need_weights(ctx)
 

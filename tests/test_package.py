@@ -22,9 +22,14 @@ def test_every_notebook_verb_resolves():
 def test_the_wheel_installs_one_top_level_package(tmp_path):
     """Generic names (traces, hooks, probes, experiments are all taken on PyPI) stay inside
     `waitlens`: the wheel's top level is `waitlens` alone, with the organism and configs as data."""
+    import shutil
+
     root = waitlens.__file__.rsplit("/waitlens/", 1)[0]
+    src = tmp_path / "src"  # a copy: setuptools leaves build/ in the source tree
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv*", "build", "runs", ".git", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".ruff_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "-w", str(tmp_path), root], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("waitlens-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"waitlens", wheel.name.split("-py3")[0] + ".dist-info"}
