@@ -187,3 +187,20 @@ def test_context_length_reported_before_the_search(monkeypatch):
     with pytest.raises(ContextLengthError, match="trajectory 'h'"):
         find_positions(model, [huge], ["wait"])
     assert time.process_time() - t0 < 2  # 12 MB: only its first chunks are tokenized
+
+
+def test_a_match_on_the_unknown_token_is_left_out_with_a_warning():
+    """A word-level vocabulary (the organism's) has "wait" but not "Wait" or "wait,": such a
+    match would put a `wait` row on `<unk>`, whose state means any unknown word."""
+    from waitlens.hooks import load_model
+
+    model = load_model("organism:post-large")
+    t = Trajectory("t", "p", "Q 3 + 7 - 8 ;", "3 + 7 = 1 Wait 3 + 7 = 0 wait 0 - 8 = 2 wait, so", "2", "2")
+    with pytest.warns(UserWarning, match=r"left out 2 lexicon match\(es\) that tokenize to the unknown token '<unk>'"):
+        pos = find_positions(model, [t])
+    from waitlens.traces.formats import render
+
+    ids = render(model.tokenizer, t, model.format).input_ids
+    assert sorted(pos.table["word"]) == ["so", "wait"]
+    assert model.tokenizer.unk_token_id not in [ids[i] for i in pos.table["token_index"]]
+    assert not pos.table.duplicated(["trajectory_id", "token_index"]).any()

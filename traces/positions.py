@@ -112,6 +112,7 @@ def find_positions(
     check_length = getattr(model, "check_length", None)
     n_ctx = getattr(model, "n_ctx", None) if check_length is not None else None
     rows, frames = [], []
+    unk_id, skipped = getattr(tok, "unk_token_id", None), {}
     for traj in trajectories:
         text, reasoning_chars, _ = render_text(tok, traj, fmt)
         if len(text) > LONG_TEXT and chunk_safe(tok):
@@ -126,7 +127,12 @@ def find_positions(
         rendered = render(tok, traj, fmt)
         if check_length is not None:
             check_length(rendered.n_tokens, traj.id)
-        rows.extend(_rows_for(traj, rendered, lex, anchor))
+        rows.extend(_rows_for(traj, rendered, lex, anchor, unk_id, skipped))
+    if skipped:
+        warnings.warn(
+            f"left out {skipped.get('unk', 0)} lexicon match(es) that tokenize to the unknown token "
+            f"{getattr(tok, 'unk_token', None)!r} and {skipped.get('shared', 0)} whose token already holds "
+            "another word's row", stacklevel=2)
     frames.append(pd.DataFrame(rows, columns=COLUMNS))
     frames = [f for f in frames if len(f)]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(rows, columns=COLUMNS)
@@ -149,7 +155,14 @@ def positions_in(trajectory: Trajectory, rendered: Rendered, lexicon: Lexicon | 
     return Positions(_typed(table), lex.words)
 
 
-def _rows_for(traj: Trajectory, rd: Rendered, lex: Lexicon, anchor: str) -> list[dict]:
+def _rows_for(traj: Trajectory, rd: Rendered, lex: Lexicon, anchor: str, unk_id: int | None = None,
+              skipped: dict[str, int] | None = None) -> list[dict]:
+    """The rows of one rendered trajectory. A match whose tokens include the unknown token
+    (`unk_id`: the word is not in the vocabulary as written, e.g. "Wait" for a lower-case
+    word-level vocabulary) or whose anchor token already holds a row (two words in one token)
+    is left out and counted in `skipped` ("unk", "shared")."""
+    skipped = {} if skipped is None else skipped
+    taken: set[int] = set()
     r0, _ = rd.reasoning_chars
     t0, t1 = rd.reasoning_tokens
     n_reason = max(t1 - t0, 1)
@@ -171,7 +184,14 @@ def _rows_for(traj: Trajectory, rd: Rendered, lex: Lexicon, anchor: str) -> list
             k += 1
         if not toks:  # cannot happen with a consistent fast tokenizer; guard anyway
             continue
+        if unk_id is not None and any(rd.input_ids[ti] == unk_id for ti in toks):
+            skipped["unk"] = skipped.get("unk", 0) + 1
+            continue
         idx = {"first": [toks[0]], "last": [toks[-1]], "both": sorted({toks[0], toks[-1]})}[anchor]
+        if taken.intersection(idx):
+            skipped["shared"] = skipped.get("shared", 0) + 1
+            continue
+        taken.update(idx)
         for j, ti in enumerate(idx):
             rows.append({
                 "trajectory_id": traj.id, "problem_id": traj.problem_id, "word": m.word,
