@@ -37,6 +37,7 @@ def test_text_edits():
         ablate_text(t, "scramble")
 
 
+@pytest.mark.slow
 def test_ablate_metrics(tmp_path):
     torch.set_num_threads(1)
     m = load_model(str(make_tiny_qwen(tmp_path / "m")), device="cpu", dtype="float32")

@@ -125,6 +125,7 @@ def test_max_thinking_tokens_caps_the_reasoning_and_forces_the_answer(post_large
     assert all(t.extra["forced_waits"] == [] for t in trajs)
 
 
+@pytest.mark.slow
 def test_budget_forcing_on_a_real_bpe_model(smollm2):
     """SmolLM2 (a real BPE tokenizer, chat template): the cap holds token for token, and an
     extension inserts "Wait" where the model wrote its close."""

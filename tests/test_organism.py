@@ -327,6 +327,7 @@ def test_detection_diagnostic_sees_a_planted_detector_and_the_vigilant_post_larg
     assert vigilant["lens_by_layer"][-2] > post["lens_by_layer"][-2] + 0.3
 
 
+@pytest.mark.slow
 def test_organism_study_writes_ground_truth_probes(tmp_path):
     """The study's probe stage on organism trajectories adds the ground-truth analyses: ceilings
     (feature probes on what a model could know at "wait") and state probes for those facts."""
@@ -362,6 +363,7 @@ def test_organism_study_writes_ground_truth_probes(tmp_path):
     assert "Ground-truth ceilings" in report and "encode the ground truth itself" in report
 
 
+@pytest.mark.slow
 def test_probe_at_wait_finds_correctness_in_the_vigilant_post_large_only(tmp_path):
     """Issue #5's requirement 1, on the vigilant organism study exactly as `make demo` runs it:
     post-large-vigilant's best layer at "wait" is above its random-position control and its

@@ -165,6 +165,7 @@ def test_bad_pairs(pair, tmp_path):
     assert info["n_cases"] == 2
 
 
+@pytest.mark.slow
 def test_cli_patch_writes_table(pair, tmp_path):
     from waitlens.experiments.cli import main
     from waitlens.traces import save_trajectories

@@ -185,6 +185,7 @@ trajectories = {{ path = "{small}", format = "plain", fields = {fields % "base_m
     return cfg
 
 
+@pytest.mark.slow
 def test_mini_real_study_counts_only(tmp_path):
     import pandas as pd
 

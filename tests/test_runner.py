@@ -53,6 +53,7 @@ def _tables(run_dir):
     return {p.relative_to(run_dir).as_posix(): pd.read_csv(p) for p in sorted(run_dir.glob("*/*.csv"))}
 
 
+@pytest.mark.slow
 def test_full_study_then_skip(study, capsys):
     root, cfg = study
     run_dir = run_study(cfg, study_stages(), runs_root=root / "runs", quiet=True)
@@ -75,6 +76,7 @@ def test_full_study_then_skip(study, capsys):
     assert (run_dir / "probes/probe_results.csv").stat().st_mtime_ns == mtimes[run_dir / "probes/probe_results.csv"]
 
 
+@pytest.mark.slow
 def test_killed_capture_resumes_and_matches(study, monkeypatch):
     root, cfg = study
     clean = run_study(cfg, study_stages(), runs_root=root / "clean", quiet=True)
