@@ -161,6 +161,7 @@ def replica(spec_or_dir: str | os.PathLike, out: str | os.PathLike | None = None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from waitlens.traces.atomic import atomic_dir
     from waitlens.traces.formats import PromptFormat, get_format
     from waitlens.traces.tokenizers import TokenizerLoadError, load_tokenizer
 
@@ -218,9 +219,7 @@ def replica(spec_or_dir: str | os.PathLike, out: str | os.PathLike | None = None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ReplicaError(f"{cfg_path}: transformers cannot build a causal LM of type {model_type!r} "
                                f"({' '.join(str(e).split())[:200]})") from None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-        try:
+        with atomic_dir(out) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             for gen in (Path(tok_dir) / "generation_config.json", Path(cfg_path).parent / "generation_config.json"):
@@ -230,12 +229,6 @@ def replica(spec_or_dir: str | os.PathLike, out: str | os.PathLike | None = None
             PromptFormat.from_dict(fmt.to_dict()).save(tmp)
             (tmp / REPLICA_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             _check_saved(tmp, tok)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 

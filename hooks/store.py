@@ -30,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from functools import cached_property
@@ -47,7 +45,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from waitlens.hooks.models import LoadedModel
-from waitlens.traces.atomic import atomic_write, write_json
+from waitlens.traces.atomic import atomic_dir, atomic_write, write_json
 from waitlens.traces.errors import WaitlensError
 
 FORMAT = "waitlens-activations/1"
@@ -534,9 +532,7 @@ def write_store(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or use another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         meta = metadata.reset_index(drop=True).copy()
         meta["model"] = model
         meta["shard"] = 0
@@ -545,10 +541,4 @@ def write_store(
         manifest["shards"] = [entry]
         write_csv(tmp / METADATA, meta)
         write_json(tmp / MANIFEST, finish_manifest(tmp, manifest))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ActivationStore(out)

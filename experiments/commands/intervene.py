@@ -46,15 +46,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from waitlens.experiments.analyses.interventions import interventions_to_dir
     from waitlens.experiments.organism.interventions import is_organism
     from waitlens.hooks.interventions import InterventionError
     from waitlens.hooks.vllm_engine import load_engine
+    from waitlens.traces.atomic import atomic_dir
     from waitlens.traces.trajectory import load_trajectories
 
     if len(args.model) != len(args.trajectories):
@@ -76,18 +74,10 @@ def run(args: argparse.Namespace) -> int:
         name = spec.split(":", 1)[1] if spec.startswith("organism:") else Path(spec).name or spec
         runs.append((name, load_engine(args.engine, spec, device=args.device, dtype=args.dtype, seed=args.seed), ts))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         summary = interventions_to_dir(runs, tmp, at=args.at, word=args.word, n=args.n, temperature=temp,
                                        top_p=args.top_p, max_new_tokens=max_new, seed=args.seed,
                                        batch_size=args.batch_size, n_boot=args.n_boot, progress=not args.quiet)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for name, s in summary["models"].items():
         f, b, d = s["fix_rate"], s["break_rate"], s["delta_accuracy"]
         line = (f"{name}: fix {f[0]:.3f} [{f[1]:.3f}, {f[2]:.3f}] ({s['n_fixed']}/{s['n_wrong_before']}), "
