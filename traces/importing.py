@@ -29,7 +29,12 @@ from typing import Any
 from waitlens.traces.errors import WaitlensError
 from waitlens.traces.formats import extract_answer, get_format, parse_completion, reader_for
 from waitlens.traces.grading import grade, normalize_gold
-from waitlens.traces.trajectory import Trajectory, save_trajectories
+from waitlens.traces.trajectory import (
+    Trajectory,
+    TrajectoryFileError,
+    iter_jsonl,
+    save_trajectories,
+)
 
 FIELD_NAMES = ("prompt", "completion", "reasoning", "answer", "gold", "id", "problem_id")
 UNFINISHED = ("keep", "drop")
@@ -196,20 +201,11 @@ def _iter_json_records(p: Path) -> Iterator[Any]:
             raise ImportRecordsError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         yield from data
         return
-    with p.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ImportRecordsError(
-                    f"{p}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ImportRecordsError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    try:  # JSONL: the trajectory reader's line reader, its errors as import errors
+        for _, obj in iter_jsonl(p):
+            yield obj
+    except TrajectoryFileError as e:
+        raise ImportRecordsError(str(e)) from None
 
 
 def _read_parquet(p: Path) -> list[dict]:
