@@ -65,3 +65,20 @@ def tiny_trajectory(i: int = 0, reasoning: str | None = None, correct: bool = Tr
     reasoning = reasoning or "3 + 4 = 7 ; wait 3 + 4 = 7 so 7 - 2 = 5 therefore 5"
     return Trajectory(id=f"t{i}", problem_id=f"p{i // 2}", prompt="Q 3 + 4 - 2 ;",
                       reasoning=reasoning, answer="5", gold="5", correct=correct)
+
+
+def study_trajectories(n_problems: int = 10):
+    """Two trajectories per problem for the tiny Qwen2's vocabulary: a correct one that says
+    "wait" and re-checks, and an incorrect one that slips and says "hmm"."""
+    from waitlens.traces import Trajectory
+
+    out = []
+    for p in range(n_problems):
+        a, b = p % 7 + 1, p % 5 + 2
+        s = a + b
+        for k, ok in enumerate((True, False)):
+            reasoning = (f"{a} + {b} = {s} ; wait {a} + {b} = {s} so {s} - 1 = {s - 1} therefore {s - 1}"
+                         if ok else f"{a} + {b} = {s + 1} so {s + 1} - 1 = {s} ; hmm {s}")
+            out.append(Trajectory(id=f"q{p}-{k}", problem_id=f"q{p}", prompt=f"Q {a} + {b} - 1 ;",
+                                  reasoning=reasoning, answer=str(s - 1 if ok else s), gold=str(s - 1)))
+    return out

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import make_tiny_qwen, tiny_trajectory
+from tests.conftest import make_tiny_qwen, study_trajectories, tiny_trajectory
 from waitlens.experiments.config import ConfigError, parse_config
 from waitlens.experiments.runner import RunError, RunLockedError, read_manifest, run_lock, run_study
 from waitlens.experiments.study import split_by_model, study_stages
@@ -27,16 +27,7 @@ WAITLENS = str(Path(sys.executable).parent / "waitlens")
 
 
 def _trajectories(n_problems: int = 8) -> list[Trajectory]:
-    out = []
-    for p in range(n_problems):
-        a, b = p % 7 + 1, p % 5 + 2
-        s = a + b
-        for k, ok in enumerate((True, False)):
-            reasoning = (f"{a} + {b} = {s} ; wait {a} + {b} = {s} so {s} - 1 = {s - 1} therefore {s - 1}"
-                         if ok else f"{a} + {b} = {s + 1} so {s + 1} - 1 = {s} ; hmm {s}")
-            out.append(Trajectory(id=f"q{p}-{k}", problem_id=f"q{p}", prompt=f"Q {a} + {b} - 1 ;",
-                                  reasoning=reasoning, answer=str(s - 1 if ok else s), gold=str(s - 1)))
-    return out
+    return study_trajectories(n_problems)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import make_tiny_qwen
+from tests.conftest import make_tiny_qwen, study_trajectories
 from waitlens.experiments.config import parse_config
 from waitlens.experiments.runner import read_manifest, run_study
 from waitlens.experiments.study import study_stages
@@ -17,16 +17,7 @@ from waitlens.traces import Trajectory, save_trajectories
 
 
 def _trajectories(n_problems: int = 10) -> list[Trajectory]:
-    out = []
-    for p in range(n_problems):
-        a, b = p % 7 + 1, p % 5 + 2
-        s = a + b
-        for k, ok in enumerate((True, False)):
-            reasoning = (f"{a} + {b} = {s} ; wait {a} + {b} = {s} so {s} - 1 = {s - 1} therefore {s - 1}"
-                         if ok else f"{a} + {b} = {s + 1} so {s + 1} - 1 = {s} ; hmm {s}")
-            out.append(Trajectory(id=f"q{p}-{k}", problem_id=f"q{p}", prompt=f"Q {a} + {b} - 1 ;",
-                                  reasoning=reasoning, answer=str(s - 1 if ok else s), gold=str(s - 1)))
-    return out
+    return study_trajectories(n_problems)
 
 
 @pytest.fixture(scope="module")
