@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from waitlens.hooks.batching import MAX_BATCH_TOKENS, length_batches
 from waitlens.hooks.models import LoadedModel
 from waitlens.hooks.points import (
     StopForward,
@@ -59,8 +60,7 @@ from waitlens.hooks.store import storage_dtype as parse_storage_dtype
 from waitlens.traces.positions import COLUMNS, Positions
 from waitlens.traces.trajectory import Trajectory
 
-# Sub-batches are capped in padded tokens, so long trajectories run one at a time.
-MAX_BATCH_TOKENS = 8192
+# Sub-batches are capped in padded tokens (hooks.batching), so long trajectories run one at a time.
 
 
 @dataclass
@@ -305,8 +305,7 @@ def residuals_at(
 def _capture_shard(model, shard: _Shard, ids_by_traj, layers, kind, batch_size, bar) -> Tensor:
     out = torch.empty((len(shard.table), len(layers), model.d_model), dtype=torch.float32)
     rows_by_traj = {tid: np.flatnonzero(shard.table["trajectory_id"].to_numpy() == tid) for tid in shard.trajectory_ids}
-    order = sorted(shard.trajectory_ids, key=lambda t: len(ids_by_traj[t]))  # less padding
-    for group in _batches(order, ids_by_traj, batch_size):
+    for group in _batches(shard.trajectory_ids, ids_by_traj, batch_size):
         idx = [shard.table["token_index"].to_numpy()[rows_by_traj[t]] for t in group]
         states = residuals_at(model, [ids_by_traj[t] for t in group], idx, layers, kind)
         for t, s in zip(group, states, strict=True):
@@ -316,16 +315,11 @@ def _capture_shard(model, shard: _Shard, ids_by_traj, layers, kind, batch_size, 
     return out
 
 
-def _batches(order: list[str], ids_by_traj, batch_size: int):
-    group: list[str] = []
-    for t in order:  # sorted by length: the newest member is the longest
-        n = len(ids_by_traj[t])
-        if group and (len(group) >= batch_size or (len(group) + 1) * n > MAX_BATCH_TOKENS):
-            yield group
-            group = []
-        group.append(t)
-    if group:
-        yield group
+def _batches(trajectory_ids, ids_by_traj, batch_size: int):
+    """Trajectory ids in groups sorted by length (less padding), capped in padded tokens."""
+    tids = list(trajectory_ids)
+    for group in length_batches([len(ids_by_traj[t]) for t in tids], batch_size, MAX_BATCH_TOKENS):
+        yield [tids[i] for i in group]
 
 
 # -- validation and planning ------------------------------------------------------------------
