@@ -38,7 +38,7 @@ $(VSTAMP): pyproject.toml
 	touch $(VSTAMP)
 
 test-vllm: $(VSTAMP)
-	$(VPY) -m pytest -q -p no:cacheprovider tests/test_vllm.py
+	$(VPY) -m pytest -q -p no:cacheprovider tests/hooks/test_vllm.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

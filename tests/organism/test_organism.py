@@ -231,7 +231,7 @@ def test_planted_signal_post_large_waits_fix(shipped_eval):
 def test_capture_matches_full_forward_on_organism(tmp_path):
     """The foundation's capture equivalence on the organism: captured states == a full forward."""
     import waitlens.hooks.capture as capture
-    from tests.test_capture import check_against_full_forward
+    from tests.hooks.test_capture import check_against_full_forward
     from waitlens.experiments.organism.sample import sample
     from waitlens.hooks.models import load_model
 

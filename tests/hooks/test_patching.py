@@ -305,7 +305,7 @@ def test_organism_numbers_unchanged_and_hooks_know_no_organism():
         for (k, m), v in ABLATION_BEFORE.items():
             if k == kind:
                 assert t.loc[t["metric"] == m, "effect"].sum() == pytest.approx(v, rel=1e-9, abs=1e-12), (k, m)
-    hooks_dir = Path(__file__).resolve().parents[1] / "hooks"
+    hooks_dir = Path(__file__).resolve().parents[2] / "hooks"
     grammar = re.compile(r"""["']organism["']|ORGANISM|extra\.get\(["']truth|extra\[["']truth|w \+ 5|after_slip""")
     for f in sorted(hooks_dir.glob("*.py")):
         assert not grammar.search(f.read_text()), f"{f.name} holds the organism's grammar"

@@ -17,7 +17,7 @@ from waitlens.traces.tokenizers import (
     tokenizer_model,
 )
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 BPE = REALDATA / "tokenizer" / "qwen2-boundless"
 R1_CONFIG = REALDATA / "tokenizer" / "deepseek-r1-distill-qwen-32b"
 R1_TEMPLATE = REALDATA / "chat_templates" / "deepseek-r1-distill-qwen.current.jinja"
@@ -147,7 +147,7 @@ def test_load_model_tokenizer_only_and_template(tmp_path):
 
 
 # -- the real-traces study ---------------------------------------------------------------------
-CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "real-traces.toml"
+CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "real-traces.toml"
 WEIGHT_STAGES = ("capture", "answers", "probes", "patching", "ablations")
 
 
