@@ -24,8 +24,41 @@ def _boot(values, groups, n_boot, seed):
     ok = np.isfinite(values)
     if not ok.any():
         return float("nan"), float("nan"), float("nan"), 0
-    m, lo, hi = cluster_bootstrap(values[ok], np.asarray(groups)[ok], n_boot=n_boot, seed=seed)
+    m, lo, hi = mean_bootstrap(values[ok], np.asarray(groups)[ok], n_boot=n_boot, seed=seed)
     return m, lo, hi, int(ok.sum())
+
+
+def mean_bootstrap(values, groups, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0):
+    """``cluster_bootstrap(values, groups, np.mean)`` over all resamples at once: the same draws,
+    each resample's mean from its groups' sums and sizes (equal up to float rounding, ~1e-15)."""
+    values, groups = np.asarray(values, float), np.asarray(groups)
+    if len(values) == 0 or len(values) != len(groups):
+        return cluster_bootstrap(values, groups, n_boot=n_boot, alpha=alpha, seed=seed)  # its errors
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    k = len(uniq)
+    if k < 2:
+        return float(np.mean(values)), float("nan"), float("nan")
+    counts = _pick_counts(k, n_boot, seed)
+    boots = (counts @ np.bincount(inverse, values, k)) / (counts @ np.bincount(inverse, minlength=k))
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return float(np.mean(values)), float(lo), float(hi)
+
+
+_PICKS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _pick_counts(k: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, k]: how often each of k groups is drawn in each resample, from exactly the draws
+    `cluster_bootstrap` makes (one ``integers(0, k, k)`` per resample)."""
+    key = (k, n_boot, seed)
+    if key not in _PICKS:
+        rng = np.random.default_rng(seed)
+        picks = np.stack([rng.integers(0, k, k) for _ in range(n_boot)])
+        counts = np.bincount((picks + k * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * k)
+        if len(_PICKS) > 64:
+            _PICKS.clear()
+        _PICKS[key] = counts.reshape(n_boot, k).astype(float)
+    return _PICKS[key]
 
 
 def summarize_patches(table: pd.DataFrame, *, value: str = "effect", n_boot: int = 1000,
