@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from waitlens.hooks.batching import MAX_BATCH_TOKENS, check_padding
 from waitlens.hooks.patch_cases import gold_version
 from waitlens.traces.formats import Rendered
 from waitlens.traces.lexicon import Lexicon
@@ -163,6 +164,35 @@ def _logprobs(model, ids: list[int]):
     return _RowLogprobs(model, decoder_of(model)(input_ids=x, use_cache=False).last_hidden_state[0])
 
 
+@torch.inference_mode()
+def _logprobs_batch(model, seqs: list[list[int]], batch_size: int, max_batch_tokens: int, padding: str) -> list:
+    """`_logprobs` of every sequence from padded forwards (`hooks.batching`): sequences grouped by
+    length, at most `batch_size` and `max_batch_tokens` padded tokens per forward; identical
+    sequences run once."""
+    from waitlens.hooks.batching import length_batches, pad_batch
+    from waitlens.hooks.points import decoder_of, lm_head_of
+
+    uniq: dict[tuple[int, ...], int] = {}
+    for ids in seqs:
+        uniq.setdefault(tuple(ids), len(uniq))
+    keys = list(uniq)
+    out: list = [None] * len(keys)
+    pad_id = int(getattr(model.tokenizer, "pad_token_id", None) or 0)
+    V = int(model.config.vocab_size)
+    for group in length_batches([len(k) for k in keys], batch_size, max_batch_tokens):
+        batch = pad_batch([keys[i] for i in group], padding, pad_id, model.device)
+        hid = decoder_of(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        for b, i in enumerate(group):
+            o, n = batch.offsets[b], batch.lengths[b]
+            h = hid[b, o:o + n]
+            if n * V <= FULL_LOGPROBS_MAX:
+                out[i] = torch.log_softmax(lm_head_of(model)(h).float(), -1)
+            else:
+                out[i] = _RowLogprobs(model, h)
+    return [out[uniq[tuple(ids)]] for ids in seqs]
+
+
 def _gold(lp, ids, span) -> float:
     return float(sum(lp[i - 1, ids[i]] for i in range(*span)).exp()) if span[1] > span[0] else float("nan")
 
@@ -170,11 +200,15 @@ def _gold(lp, ids, span) -> float:
 def ablate(model: LoadedModel, trajectories: Sequence[Trajectory], kind: str, *, word: str = "wait", neutral: str | None = None,
            separators: Sequence[str] | None = None, kl_positions: int = 8, seed: int = 0,
            pick_wait: PickWait | None = None, readouts: Mapping[str, Callable] | None = None,
-           progress: bool = False) -> tuple[pd.DataFrame, dict]:
+           progress: bool = False, batch_size: int = 64, max_batch_tokens: int | None = MAX_BATCH_TOKENS,
+           padding: str = "right") -> tuple[pd.DataFrame, dict]:
     """Run one ablation over trajectories: rows `COLUMNS` (one per trajectory and metric).
 
     separators: step separators (None: sentences/lines); pick_wait(trajectory, matches) -> the
     match to edit (default: the first); readouts: {metric name: read-out fn} (module doc).
+    max_batch_tokens: the original and edited sequences run in padded batches (at most
+    `batch_size` sequences and this many padded tokens each, `padding` "right" or "left"); None
+    runs them one at a time (the reference path, equal within float error).
     """
     from tqdm.auto import tqdm
 
@@ -185,8 +219,9 @@ def ablate(model: LoadedModel, trajectories: Sequence[Trajectory], kind: str, *,
     readouts = dict(readouts) if readouts is not None else {"continuation": continuation_reads}
     if neutral is None and kind == "replace-wait":
         neutral = neutral_word(model.tokenizer)
-    rows, skipped = [], []
-    for traj in tqdm(trajectories, desc=kind, disable=not progress):
+    check_padding(padding)
+    rows, skipped, todo = [], [], []
+    for traj in trajectories:
         gt = gold_version(traj)
         edit = ablate_text(gt, kind, word=word, neutral=neutral or ";", separators=separators, seed=seed,
                            pick_wait=pick_wait)
@@ -194,10 +229,18 @@ def ablate(model: LoadedModel, trajectories: Sequence[Trajectory], kind: str, *,
             skipped.append(traj.id)
             continue
         text, wait_char = edit
-        ab = dataclasses.replace(gt, reasoning=text)
-        rd0, rd1 = model.render(gt), model.render(ab)
+        todo.append((traj, gt, wait_char, model.render(gt), model.render(dataclasses.replace(gt, reasoning=text))))
+    if max_batch_tokens is None:
+        lps = None
+    else:
+        seqs = [ids for *_, rd0, rd1 in todo for ids in (rd0.input_ids, rd1.input_ids)]
+        lps = _logprobs_batch(model, seqs, batch_size, max_batch_tokens, padding)
+    for k, (traj, gt, wait_char, rd0, rd1) in enumerate(tqdm(todo, desc=kind, disable=not progress)):
         ids0, ids1 = rd0.input_ids, rd1.input_ids
-        lp0, lp1 = _logprobs(model, ids0), _logprobs(model, ids1)
+        if lps is None:
+            lp0, lp1 = _logprobs(model, ids0), _logprobs(model, ids1)
+        else:
+            lp0, lp1 = lps[2 * k], lps[2 * k + 1]
         g0, g1 = _gold(lp0, ids0, rd0.answer_tokens), _gold(lp1, ids1, rd1.answer_tokens)
         # the common suffix of the two sequences, aligned from the end
         L = 0
@@ -230,7 +273,8 @@ def ablate(model: LoadedModel, trajectories: Sequence[Trajectory], kind: str, *,
     if not rows:
         raise ValueError(f"{kind}: applies to none of the {len(trajectories)} trajectories")
     info = {"kind": kind, "neutral": neutral, "separators": list(separators) if separators else "sentences",
-            "n_trajectories": len(trajectories), "n_skipped": len(skipped), "kl_positions": kl_positions}
+            "n_trajectories": len(trajectories), "n_skipped": len(skipped), "kl_positions": kl_positions,
+            "max_batch_tokens": max_batch_tokens, "padding": padding}
     return pd.DataFrame(rows, columns=COLUMNS), info
 
 

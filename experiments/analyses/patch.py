@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from waitlens.hooks.batching import MAX_BATCH_TOKENS
+
 if TYPE_CHECKING:
     from waitlens.hooks.models import LoadedModel
     from waitlens.traces.trajectory import Trajectory
@@ -69,11 +71,15 @@ class _Staging:
 
 def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Trajectory], out: Path, *, layers="all", window="-2:4", metrics=None, word="wait",
                  both_directions=True, control=True, attribution=False, sampled=False, kl_positions=8,
-                 n_boot=1000, seed=0, progress=True, manifest: dict | None = None) -> dict:
+                 n_boot=1000, seed=0, progress=True, manifest: dict | None = None,
+                 max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> dict:
     """Patch `source` -> `target` (and back), write tables and figures into `out`; returns a summary.
 
     metrics: names or PatchMetrics (default: `default_metrics(target)`). With the same model as
     source and target (the null patch) only one direction runs; every effect is exactly 0.
+    max_batch_tokens: `hooks.patching.patch`'s (None: one case at a time). Under torchrun every
+    rank patches its share of the trajectories; rank 0 writes `out` and prints, the others
+    return the summary only.
     """
     from waitlens.experiments.plots import save_figure
     from waitlens.experiments.plots.patching import attribution_scatter, heatmaps, layer_curves
@@ -93,12 +99,14 @@ def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Traje
     for src, tgt in pairs:
         r = patch(src, tgt, trajs, layers=layers, window=window, metrics=fns, word=word,
                   control=control, kl_positions=kl_positions, seed=seed, attribution=can_attribute,
-                  progress=progress)
+                  progress=progress, max_batch_tokens=max_batch_tokens)
         result = r if result is None else result.concat(r)
         cost = r.info["cost"]
-        print(f"{r.info['direction']}: {r.info['n_cases']} trajectories ({r.info['n_skipped_no_wait']} without a "
-              f"{word!r} skipped), {r.info['n_anchors']} waits; {cost['tail_rows']} patched forwards "
-              f"({cost['tail_token_fraction']:.1f} full-forward equivalents of tokens)")
+        if r.info["rank"] == 0:
+            print(f"{r.info['direction']}: {r.info['n_cases']} trajectories ({r.info['n_skipped_no_wait']} without "
+                  f"a {word!r} skipped), {r.info['n_anchors']} waits; {cost['tail_rows']} patched rows in "
+                  f"{cost['forward_calls']} forwards ({cost['tail_token_fraction']:.1f} full-forward equivalents "
+                  "of tokens)")
     table = result.table
     effects = summarize_patches(table, n_boot=n_boot, seed=seed)
     contrast = wait_vs_random(table, n_boot=n_boot, seed=seed) if control else None
@@ -106,6 +114,8 @@ def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Traje
     sampled_table = sampled_effects = None
     summary: dict = {"n_effect_rows": len(effects), "metrics": names,
                      "directions": list(result.info.get("directions", []))}
+    if result.info["rank"] != 0:
+        return summary  # data-parallel: rank 0 writes
     if sampled:
         summary["sampled"], sampled_table, sampled_effects = _sampled(pairs, trajs, layers=layers, window=window,
                                                                       n_boot=n_boot, seed=seed, progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from waitlens.experiments.cli import nonnegative_int, positive_int
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, storage_dtype=args.dtype, shard_size=args.shard_size,
         progress=not args.quiet,
     )
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0  # data-parallel (torchrun): rank 0 reports the store
     words = store.metadata["word"].value_counts().to_dict() if len(store) else {}
     print(f"captured {len(store)} positions x {len(store.layers)} layers ({store.hook}, d_model {store.d_model}, "
           f"{store.manifest['dtype']}) from {len(trajectories)} trajectories of {args.model} -> {store.path}"

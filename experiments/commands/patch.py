@@ -3,6 +3,8 @@
 
     waitlens patch --source SPEC --target SPEC --trajectories F.jsonl --out DIR [--layers all]
                    [--window -2:4] [--metric forced_answer,next_token_kl,recheck] [--attribution] [--one-way]
+                   [--batch-tokens 8192 | 0]
+    torchrun --standalone --nproc-per-node 2 -m waitlens.experiments.cli patch ...   # data-parallel
 
 A thin parser over `waitlens.experiments.analyses.patch` (patch_to_dir, ablate_to_dir).
     waitlens ablate --model SPEC --trajectories F.jsonl --out DIR --kind replace-wait|remove-wait|shuffle-steps|delete-steps
@@ -53,6 +55,8 @@ def register(subparsers) -> None:
                    help="also decode greedily after each patched wait that follows a slip (organism truth) "
                    "and record whether the continuation writes the corrected value")
     p.add_argument("--no-control", action="store_true", help="skip the random-position control")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per batched forward (default 8192); 0 = one trajectory at a time")
     _common(p)
     p.set_defaults(handler=run_patch)
 
@@ -96,9 +100,17 @@ def run_patch(args: argparse.Namespace) -> int:
     patch_to_dir(source, target, trajs, out, layers=args.layers, window=args.window, metrics=metrics,
                  word=args.word, both_directions=not args.one_way, control=not args.no_control,
                  attribution=args.attribution, sampled=args.sampled, kl_positions=args.kl_positions, n_boot=args.n_boot,
-                 seed=args.seed, progress=not args.quiet,
+                 seed=args.seed, progress=not args.quiet, max_batch_tokens=_batch_tokens(args.batch_tokens),
                  manifest={"source": args.source, "target": args.target, "trajectories": args.trajectories})
     return 0
+
+
+def _batch_tokens(n: int | None) -> int | None:
+    from waitlens.hooks.batching import MAX_BATCH_TOKENS
+
+    if n is not None and n < 0:
+        raise SystemExit(f"--batch-tokens must be 0 (one at a time) or positive, got {n}")
+    return MAX_BATCH_TOKENS if n is None else (n or None)
 
 
 def run_ablate(args: argparse.Namespace) -> int:

@@ -293,18 +293,20 @@ def test_organism_numbers_unchanged_and_hooks_know_no_organism():
     ts = sample(sft, 40, seed=1, progress=False)
     ts = [t for t in ts if " wait " in f" {t.reasoning} "]
     ts = sorted(ts, key=lambda t: not any(w.get("after_slip") for w in t.extra["truth"]["waits"]))[:2]
-    res = quiet(patch, post, sft, ts, layers="all", window="-2:4", metrics=org_metrics(["kl", "gold_prob", "correction"]),
-                attribution=True)
-    g = res.table.groupby("metric")[["clean", "patched", "attribution"]].sum()
-    for col, want in ORGANISM_BEFORE.items():
-        for m, v in want.items():
-            assert g.loc[m, col] == pytest.approx(v, rel=1e-9, abs=1e-12), (col, m)
-    seps, pick, readouts = ablation_options(post)
-    for kind in ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps"):
-        t, _ = quiet(ablate, post, ts, kind, separators=seps, pick_wait=pick, readouts=readouts)
-        for (k, m), v in ABLATION_BEFORE.items():
-            if k == kind:
-                assert t.loc[t["metric"] == m, "effect"].sum() == pytest.approx(v, rel=1e-9, abs=1e-12), (k, m)
+    # the one-at-a-time reference path to 1e-9; the batched default (padded forwards) to 1e-5
+    for batching, tol in ((dict(max_batch_tokens=None), dict(rel=1e-9, abs=1e-12)), ({}, dict(rel=0, abs=1e-5))):
+        res = quiet(patch, post, sft, ts, layers="all", window="-2:4",
+                    metrics=org_metrics(["kl", "gold_prob", "correction"]), attribution=True, **batching)
+        g = res.table.groupby("metric")[["clean", "patched", "attribution"]].sum()
+        for col, want in ORGANISM_BEFORE.items():
+            for m, v in want.items():
+                assert g.loc[m, col] == pytest.approx(v, **tol), (col, m, batching)
+        seps, pick, readouts = ablation_options(post)
+        for kind in ("replace-wait", "remove-wait", "shuffle-steps", "delete-steps"):
+            t, _ = quiet(ablate, post, ts, kind, separators=seps, pick_wait=pick, readouts=readouts, **batching)
+            for (k, m), v in ABLATION_BEFORE.items():
+                if k == kind:
+                    assert t.loc[t["metric"] == m, "effect"].sum() == pytest.approx(v, **tol), (k, m, batching)
     hooks_dir = Path(__file__).resolve().parents[2] / "hooks"
     grammar = re.compile(r"""["']organism["']|ORGANISM|extra\.get\(["']truth|extra\[["']truth|w \+ 5|after_slip""")
     for f in sorted(hooks_dir.glob("*.py")):
