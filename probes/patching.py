@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from waitlens.probes.stats import cluster_bootstrap
+from waitlens.probes.stats import cluster_bootstrap, resample_counts
 
 PATCH_EFFECT_COLUMNS = ["direction", "control", "layer", "rel_pos", "metric", "mean", "lo", "hi", "n"]
 SAMPLED_EFFECT_COLUMNS = ["direction", "control", "layer", "rel_pos", "rate", "lo", "hi", "n"]
@@ -38,27 +38,10 @@ def mean_bootstrap(values, groups, *, n_boot: int = 1000, alpha: float = 0.05, s
     k = len(uniq)
     if k < 2:
         return float(np.mean(values)), float("nan"), float("nan")
-    counts = _pick_counts(k, n_boot, seed)
+    counts = resample_counts(k, n_boot, seed)
     boots = (counts @ np.bincount(inverse, values, k)) / (counts @ np.bincount(inverse, minlength=k))
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return float(np.mean(values)), float(lo), float(hi)
-
-
-_PICKS: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _pick_counts(k: int, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, k]: how often each of k groups is drawn in each resample, from exactly the draws
-    `cluster_bootstrap` makes (one ``integers(0, k, k)`` per resample)."""
-    key = (k, n_boot, seed)
-    if key not in _PICKS:
-        rng = np.random.default_rng(seed)
-        picks = np.stack([rng.integers(0, k, k) for _ in range(n_boot)])
-        counts = np.bincount((picks + k * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * k)
-        if len(_PICKS) > 64:
-            _PICKS.clear()
-        _PICKS[key] = counts.reshape(n_boot, k).astype(float)
-    return _PICKS[key]
 
 
 def summarize_patches(table: pd.DataFrame, *, value: str = "effect", n_boot: int = 1000,

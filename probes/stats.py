@@ -55,6 +55,25 @@ def cluster_bootstrap(
     return estimate, float(lo), float(hi)
 
 
+_COUNTS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def resample_counts(k: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, k]: how often each of k groups is drawn in each resample, from exactly the draws
+    `cluster_bootstrap` makes (one ``integers(0, k, k)`` per resample), for bootstraps that run over
+    all resamples at once. Read-only (memoised)."""
+    key = (k, n_boot, seed)
+    if key not in _COUNTS:
+        rng = np.random.default_rng(seed)
+        picks = np.stack([rng.integers(0, k, k) for _ in range(n_boot)])
+        counts = np.bincount((picks + k * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * k)
+        if len(_COUNTS) > 64:
+            _COUNTS.clear()
+        _COUNTS[key] = counts.reshape(n_boot, k).astype(float)
+        _COUNTS[key].flags.writeable = False
+    return _COUNTS[key]
+
+
 def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float, float]:
     """(rate, lo, hi) for a binomial proportion; (nan, nan, nan) when n == 0."""
     if n == 0:

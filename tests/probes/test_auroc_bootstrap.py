@@ -1,0 +1,57 @@
+"""The probes' AUROC bootstraps over all resamples at once are `cluster_bootstrap`'s loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from waitlens.probes import metrics
+from waitlens.probes.metrics import _auroc_dense, _dense, auroc_ci, paired_auroc_difference
+from waitlens.probes.stats import cluster_bootstrap
+
+
+def loop_auroc_ci(y, p, g, **kw):
+    rank, R = _dense(p)
+    return cluster_bootstrap(np.c_[rank, y], g, lambda v: _auroc_dense(v[:, 0], v[:, 1], R), **kw)
+
+
+def loop_paired(y, p, g, yb, q, gb, **kw):
+    ra, Ra = _dense(p)
+    rb, Rb = _dense(q)
+    v = np.r_[np.c_[ra, y, np.zeros(len(ra))], np.c_[rb, yb, np.ones(len(rb))]]
+
+    def diff(v):
+        a = v[:, 2] == 0
+        return _auroc_dense(v[a, 0], v[a, 1], Ra) - _auroc_dense(v[~a, 0], v[~a, 1], Rb)
+
+    return cluster_bootstrap(v, np.r_[np.asarray(g, object), np.asarray(gb, object)].astype(str), diff, **kw)
+
+
+@pytest.mark.parametrize("n, k, discrete", [(400, 120, False), (300, 40, True), (60, 3, True), (40, 40, False)])
+def test_vectorised_auroc_bootstraps_equal_the_loop(n, k, discrete):
+    rng = np.random.default_rng(n + k)
+    y = rng.integers(0, 2, n)
+    p = rng.random(n) + 0.3 * y
+    q = rng.random(n)
+    if discrete:  # ties within and across classes
+        p, q = np.round(p * 4), np.round(q * 3)
+    g = rng.integers(0, k, n).astype(str)
+    for seed in (0, 3):
+        np.testing.assert_allclose(auroc_ci(y, p, g, n_boot=400, seed=seed),
+                                   loop_auroc_ci(y, p, g, n_boot=400, seed=seed), rtol=0, atol=1e-12)
+        yb, gb = y[: n // 2], g[: n // 2]  # b on other rows: unpaired sizes
+        np.testing.assert_allclose(paired_auroc_difference(y, p, g, yb, q[: n // 2], gb, n_boot=400, seed=seed),
+                                   loop_paired(y, p, g, yb, q[: n // 2], gb, n_boot=400, seed=seed), rtol=0, atol=1e-12)
+
+
+def test_one_class_resamples_dropped_and_large_inputs_loop(monkeypatch):
+    y = np.array([1, 0, 0, 0, 0, 0])  # most resamples have no positive: dropped, as the loop drops them
+    p = np.arange(6.0)
+    g = np.array(list("abcdef"))
+    np.testing.assert_allclose(auroc_ci(y, p, g, n_boot=200), loop_auroc_ci(y, p, g, n_boot=200), atol=1e-12)
+    assert np.isnan(auroc_ci(y, p, np.zeros(6))[1])  # one problem: no CI
+    monkeypatch.setattr(metrics, "MAX_VECTOR_CELLS", 10)  # above the cap the loop runs: the same numbers
+    rng = np.random.default_rng(1)
+    y, p, g = rng.integers(0, 2, 80), rng.random(80), rng.integers(0, 9, 80)
+    want = loop_auroc_ci(y, p, g, n_boot=100)
+    np.testing.assert_allclose(auroc_ci(y, p, g, n_boot=100), want, atol=0)
