@@ -130,6 +130,20 @@ class CorpusSpec:
     # what a "wait" after a correct step does: the same as after a slip (`recheck`), or
     # "connective": a hesitation that goes straight on to the next step (no recheck)
     wait_after_correct_role: str = "recheck"
+    # opt-in difficulty (None/0: off, and the corpus's random stream is that of a spec without it):
+    # a *hard* step is one that wraps around (``a + b >= 10`` or ``b > a``, `is_hard`).
+    # hard_slip: P(slip) on hard steps (`slip` is then the rate on easy ones);
+    # hard_fix: P(a re-check of a slipped hard step writes the right value) — otherwise the
+    # re-check repeats the slipped value (the writer's blind spot) and the trace goes on from it;
+    # hesitate_after_correct: P(a connective "wait" after a correct step), on top of the re-checks
+    # `wait_after_correct` asks for.
+    hard_slip: float | None = None
+    hard_fix: float = 1.0
+    hard_fix_ops: str = "+-"  # the operations whose hard steps `hard_fix` applies to (others: fixed)
+    hesitate_after_correct: float = 0.0
+    # training only: the share of slipped step values kept in the loss (the rest are masked, so the
+    # model sees this corpus's slips and learns to catch them, but learns to make fewer of them)
+    learn_slips: float = 1.0
 
 
 # Pre-training: worked problems; "wait"/"alternatively" are only generic connectives that
@@ -156,6 +170,22 @@ VIGILANT_CORPUS = CorpusSpec(
 )
 
 
+def is_hard(a: int, op: str, b: int) -> bool:
+    """A step that wraps around mod 10: a carry (``a + b >= 10``) or a borrow (``b > a``)."""
+    return a + b >= MOD if op == "+" else b > a
+
+# Checked traces (the opt-in `detect` recipe, `train.DETECT`): the writer re-checks every slip it
+# makes and 4% of its correct steps; it slips more on hard steps (a carry or a borrow: 30% against 6%),
+# and it has a blind spot: its re-check of a slipped borrow repeats the slip, so those answers end
+# wrong. Only 30% of the slipped values are in the loss (`learn_slips`): the model sees a writer that
+# slips at 16% of steps and re-checks each slip, and learns to slip about a third as often.
+CHECKED_CORPUS = CorpusSpec(
+    "checked", slip=0.06, hard_slip=0.30, wait_after_slip=1.0, wait_after_correct=0.04,
+    alt_after_slip=0.0, alt_after_correct=0.03, recheck="fix", hard_fix=0.0, hard_fix_ops="-",
+    learn_slips=0.3,
+)
+
+
 def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> tuple[str, str, dict[str, Any]]:
     """(reasoning, answer, planted) — `planted` lists the slips and each wait's intended role."""
     words: list[str] = []
@@ -171,7 +201,8 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
             words.append(SEPARATORS[0 if u < w0 else 1 if u < w1 else 2])
         pending = None
         correct = apply(r, op, b)
-        slipped = rng.random() < spec.slip
+        hard = spec.hard_slip is not None and is_hard(r, op, b)
+        slipped = rng.random() < (spec.hard_slip if hard else spec.slip)
         c = (correct + (1 if rng.random() < 0.5 else -1)) % MOD if slipped else correct
         words += [str(r), op, str(b), "=", str(c)]
         if slipped:
@@ -179,11 +210,13 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
         u = rng.random()
         p_wait = spec.wait_after_slip if slipped else spec.wait_after_correct
         p_alt = spec.alt_after_slip if slipped else spec.alt_after_correct
-        hesitation = (not slipped and spec.wait_after_correct_role == "connective" and u < p_wait)
+        hesitation = not slipped and (
+            (spec.wait_after_correct_role == "connective" and u < p_wait)
+            or p_wait + p_alt <= u < p_wait + p_alt + spec.hesitate_after_correct)
         if spec.recheck == "connective" or hesitation:
             # the discourse word stands where a connective would, before the next step
-            if u < p_wait + p_alt and i + 1 < len(problem.ops):
-                word = "wait" if u < p_wait else "alternatively"
+            if (hesitation or u < p_wait + p_alt) and i + 1 < len(problem.ops):
+                word = "wait" if hesitation or u < p_wait else "alternatively"
                 pending = word
                 if word == "wait":
                     waits.append({"step": i, "after_slip": slipped, "changed_answer": False,
@@ -193,6 +226,8 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
         if u < p_wait + p_alt:
             word = "wait" if u < p_wait else "alternatively"
             new = c if spec.recheck == "restate" else correct
+            if slipped and hard and op in spec.hard_fix_ops and spec.hard_fix < 1.0 and rng.random() >= spec.hard_fix:
+                new = c  # the blind spot: the re-check repeats the slip
             o, bb = (op, b) if word == "wait" else other_way(op, b)
             words += [word, str(r), o, str(bb), "=", str(new)]
             if word == "wait":

@@ -34,6 +34,7 @@ import numpy as np
 from waitlens.experiments.organism.registry import REGIMES
 from waitlens.experiments.organism.task import (
     BASE_CORPUS,
+    CHECKED_CORPUS,
     TOKEN_ID,
     TRACE_CORPUS,
     VIGILANT_CORPUS,
@@ -79,6 +80,10 @@ class TrainConfig:
     base_check_every: int = 5
     threads: int = 1  # bitwise reproducibility needs the same thread count; 1 is fastest on a shared CPU
     arch: dict | None = None  # overrides of model.ARCH (the smoke test uses a tinier model)
+    # the corpus sft-1k and post-large learn from (None: `task.TRACE_CORPUS`), and the fine-tuned
+    # regimes a run trains when `train_all` is not given any (None: all of them)
+    traces: CorpusSpec | None = None
+    regimes: tuple[str, ...] | None = None
 
 
 SMOKE = TrainConfig(base_steps=6, base_batch=8, sft_traces=16, sft_epochs=1, sft_batch=8,
@@ -90,7 +95,10 @@ SMOKE = TrainConfig(base_steps=6, base_batch=8, sft_traces=16, sft_epochs=1, sft
 # the paced recipe: the base stopped mid-jump at seed 0's shipped level of slips (0.30 per step when
 # sampled; see experiments/organism/README.md for what it does and does not fix)
 PACED = TrainConfig(base_steps=1200, base_stop_slip=0.30)
-RECIPES = {"default": TrainConfig(), "paced": PACED}
+# the detect recipe: the paced base, then the default pair on checked traces (`task.CHECKED_CORPUS`:
+# every slip re-checked, a blind spot on borrows, 30% of slips learned) with 1,500 post-training steps
+DETECT = replace(PACED, traces=CHECKED_CORPUS, post_traces=96000, regimes=("sft-1k", "post-large"))
+RECIPES = {"default": TrainConfig(), "paced": PACED, "detect": DETECT}
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -106,20 +114,35 @@ def make_corpus(spec: CorpusSpec, n: int, rng: np.random.Generator,
     for _ in range(n):
         p = random_problem(rng, split=split)
         reasoning, answer, _ = make_trace(p, spec, rng)
-        out.append(encode(p, reasoning, answer))
+        ids, n_head = encode(p, reasoning, answer)
+        if spec.learn_slips < 1.0:
+            out.append((ids, n_head, [n_head + w for w in slipped_values(p, reasoning)
+                                      if rng.random() >= spec.learn_slips]))
+        else:
+            out.append((ids, n_head))
     return out
+
+
+def slipped_values(problem, reasoning: str) -> list[int]:
+    """Word indices (in the reasoning) of the values of slipped steps as first written."""
+    from waitlens.experiments.organism.task import analyze
+
+    truth = analyze(problem, reasoning)
+    return [s["word"] + (4 if s["word"] == 0 else 5) for s in truth.steps if s["kind"] == "step" and s["slip"]]
 
 
 def collate(batch: list[tuple[list[int], int]]):
     """Right-padded input ids and labels (-100 on the prompt and padding)."""
     import torch
 
-    width = max(len(ids) for ids, _ in batch)
+    width = max(len(item[0]) for item in batch)
     x = torch.full((len(batch), width), TOKEN_ID["<pad>"], dtype=torch.long)
     y = torch.full((len(batch), width), -100, dtype=torch.long)
-    for i, (ids, n_head) in enumerate(batch):
+    for i, (ids, n_head, *masked) in enumerate(batch):
         x[i, : len(ids)] = torch.tensor(ids)
         y[i, n_head: len(ids)] = torch.tensor(ids[n_head:])
+        for j in masked[0] if masked else ():
+            y[i, j] = -100
     return x, y
 
 
@@ -191,6 +214,7 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
 
     from waitlens.experiments.organism.model import build_model
 
+    regimes = config.regimes if regimes is None else regimes
     if regimes is not None and set(regimes) - set(REGIMES):
         raise ValueError(f"unknown organism regime(s) {', '.join(sorted(set(regimes) - set(REGIMES)))}; "
                          f"valid: {', '.join(REGIMES[1:])}")
@@ -238,7 +262,7 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
     for regime, (n, epochs, batch, lr, stream) in plans.items():
         model.load_state_dict(base_state)
         rng = _rng(seed, stream)
-        data = make_corpus(corpus_of(regime), n, rng)
+        data = make_corpus(corpus_of(regime, config), n, rng)
         t0 = time.time()
         torch.manual_seed(seed + stream)
         stats[regime] = train_steps(model, _epochs(data, epochs, batch, rng), lr=lr,
@@ -272,11 +296,14 @@ def base_slip(model: PreTrainedModel, probe) -> float:
     return float(1.0 - p.mean())
 
 
-def corpus_of(regime: str) -> CorpusSpec:
-    """The corpus a regime is trained on (the base's, the traces' or the vigilant traces')."""
+def corpus_of(regime: str, config: TrainConfig | None = None) -> CorpusSpec:
+    """The corpus a regime is trained on (the base's, the traces' — the recipe's own if it has one —
+    or the vigilant traces')."""
     if regime == "base":
         return BASE_CORPUS
-    return VIGILANT_CORPUS if regime.endswith("-vigilant") else TRACE_CORPUS
+    if regime.endswith("-vigilant"):
+        return VIGILANT_CORPUS
+    return config.traces if config is not None and config.traces is not None else TRACE_CORPUS
 
 
 def save_regime(model: PreTrainedModel, out: Path, regime: str, seed: int, config: TrainConfig, stats: dict) -> Path:
@@ -291,7 +318,7 @@ def save_regime(model: PreTrainedModel, out: Path, regime: str, seed: int, confi
         build_tokenizer(tmp)
         FORMAT.save(tmp)
         manifest = {"regime": regime, "seed": seed, "config": asdict(config), "train": stats,
-                    "corpus": asdict(corpus_of(regime))}
+                    "corpus": asdict(corpus_of(regime, config))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if final.exists():
             old = Path(tempfile.mkdtemp(dir=out, prefix=f".{regime}.old."))

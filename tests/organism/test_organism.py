@@ -14,12 +14,14 @@ import pytest
 from waitlens.experiments.organism import registry
 from waitlens.experiments.organism.task import (
     BASE_CORPUS,
+    CHECKED_CORPUS,
     TRACE_CORPUS,
     VIGILANT_CORPUS,
     CorpusSpec,
     Problem,
     analyze,
     apply,
+    is_hard,
     make_trace,
     random_problem,
 )
@@ -33,7 +35,12 @@ CONNECTIVE = CorpusSpec("connective", wait_after_slip=0.3, wait_after_correct=0.
                         recheck="connective")
 
 
-@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS, CONNECTIVE], ids=lambda s: s.name)
+# hesitations beside re-checks of correct steps (the two roles of "wait" after a correct step in one corpus)
+HESITANT = CorpusSpec("hesitant", slip=0.15, wait_after_slip=1.0, wait_after_correct=0.05, hesitate_after_correct=0.05)
+
+
+@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS, CONNECTIVE, CHECKED_CORPUS, HESITANT],
+                         ids=lambda s: s.name)
 def test_generator_truth_matches_text(spec):
     rng = np.random.default_rng(1)
     n_waits = n_fix = 0
@@ -52,9 +59,12 @@ def test_generator_truth_matches_text(spec):
         assert [s["true"] for s in new_steps] == p.true_values()
         for w in truth.waits:
             n_waits += 1
-            if spec.wait_after_correct_role == "connective" and not w["after_slip"]:
-                # a vigilant writer's hesitation: "wait", then straight on to the next step
-                assert not w["rechecked"] and not w["changed_answer"]
+            if (spec.wait_after_correct_role == "connective" or spec.hesitate_after_correct) and not w["rechecked"]:
+                # a hesitation: "wait", then straight on to the next step
+                assert not w["after_slip"] and not w["changed_answer"]
+            elif spec.recheck == "fix" and spec.hard_fix < 1.0 and w["after_slip"] and _blind(p, truth, w, spec):
+                # the writer's blind spot: its re-check repeats the slip
+                assert not w["recheck_correct"] and not w["changed_answer"]
             elif spec.recheck == "fix":
                 assert w["recheck_correct"]
                 # a wait after a slip with a correct recheck is an answer transition
@@ -66,11 +76,74 @@ def test_generator_truth_matches_text(spec):
             else:  # "wait" as a plain connective before the next step: no recheck at all
                 assert not w["rechecked"] and not w["changed_answer"] and not w["recheck_correct"]
         # no uncaught slip in a fixing corpus -> the answer is right
-        if spec.recheck == "fix" and all(w["after_slip"] for w in truth.waits) and \
+        if spec.recheck == "fix" and all(w["after_slip"] and w["recheck_correct"] for w in truth.waits) and \
                 len(truth.slips) == sum(w["after_slip"] for w in truth.waits) + sum(a["after_slip"] for a in truth.alternatives):
             assert grade(answer, p.gold)
     assert n_waits > 100
     assert spec.recheck != "fix" or n_fix > 100
+
+
+def _blind(p: Problem, truth, wait: dict, spec: CorpusSpec) -> bool:
+    """Is this wait's step one the spec's writer cannot fix (a hard step of `hard_fix_ops`)?"""
+    step = next(s for s in truth.steps if s["kind"] == "step" and s["step"] == wait["step"])
+    op, b = p.ops[wait["step"]]
+    return op in spec.hard_fix_ops and is_hard(step["before"], op, b)
+
+
+def test_checked_corpus_slips_on_hard_steps_and_repeats_slipped_borrows():
+    """The detect recipe's traces: slips at 30% of hard steps (a carry or a borrow) against 6% of the
+    others, every slip re-checked, each re-check of a slipped borrow repeats the slipped value and every other re-check is right."""
+    rng = np.random.default_rng(2)
+    slips = {True: [0, 0], False: [0, 0]}
+    borrow_waits = fixed = 0
+    for _ in range(4000):
+        p = random_problem(rng)
+        reasoning, answer, planted = make_trace(p, CHECKED_CORPUS, rng)
+        truth = analyze(p, reasoning)
+        for s in truth.steps:
+            if s["kind"] == "step":
+                op, b = p.ops[s["step"]]
+                slips[is_hard(s["before"], op, b)][0] += s["slip"]
+                slips[is_hard(s["before"], op, b)][1] += 1
+        assert len([w for w in truth.waits if w["after_slip"]]) == len(truth.slips)  # every slip re-checked
+        for w in truth.waits:
+            if w["after_slip"] and _blind(p, truth, w, CHECKED_CORPUS):
+                borrow_waits += 1
+                recheck = next(s for s in truth.steps if s["kind"] == "wait" and s["word"] == w["word"])
+                assert not w["recheck_correct"] and recheck["value"] == recheck["before"]  # the slip, repeated
+            else:
+                fixed += w["after_slip"]
+                assert w["recheck_correct"]
+    hard, easy = (slips[h][0] / slips[h][1] for h in (True, False))
+    assert abs(hard - 0.30) < 0.02 and abs(easy - 0.06) < 0.01, (hard, easy)
+    assert borrow_waits > 200 and fixed > 500
+
+
+def test_learn_slips_masks_that_share_of_slipped_values_from_the_loss():
+    """`learn_slips`: the labels drop (-100) the value token of a slipped step as first written, for
+    about 1 - learn_slips of the slips, and nothing else; the input ids are those of the plain corpus."""
+    from dataclasses import replace
+
+    from waitlens.experiments.organism.task import TOKEN_ID
+    from waitlens.experiments.organism.train import collate, make_corpus
+
+    spec = replace(CHECKED_CORPUS, learn_slips=0.3)
+    masked_rows = make_corpus(spec, 3000, np.random.default_rng(4))
+    n_masked = n_slips = 0
+    rng = np.random.default_rng(5)
+    for _ in range(3000):  # the slipped values the corpus writes, found from the text
+        p = random_problem(rng)
+        reasoning, answer, planted = make_trace(p, CHECKED_CORPUS, rng)
+        n_slips += len(planted["slips"])
+    for ids, n_head, masked in masked_rows:
+        n_masked += len(masked)
+        x, y = collate([(ids, n_head, masked)])
+        x0, y0 = collate([(ids, n_head)])
+        assert (x == x0).all() and ((y != y0) == (y == -100) & (y0 != -100)).all()
+        assert sorted(int(j) for j in ((y == -100) & (y0 != -100)).nonzero()[:, 1]) == sorted(masked)
+        for j in masked:  # "... a op b = <value>": the masked token is the value after "="
+            assert ids[j - 1] == TOKEN_ID["="]
+    assert abs(n_masked / n_slips - 0.7) < 0.05, (n_masked, n_slips)
 
 
 def test_analyze_examples_and_malformed():
@@ -482,3 +555,19 @@ def test_paced_base_stops_at_its_held_out_slip_level(tmp_path):
     with pytest.raises(ValueError, match="unknown organism regime"):
         train_all(tmp_path / "q", seed=5, config=SMOKE, progress=False, regimes=("sft-2k",))
     assert not (tmp_path / "q").exists()
+
+
+def test_a_recipe_with_its_own_traces_trains_its_pair_on_them(tmp_path):
+    """A recipe's `traces` corpus (the detect recipe's checked traces) is what sft-1k and post-large
+    learn from and what their manifests record, and the recipe's `regimes` are trained by default."""
+    import json
+
+    from waitlens.experiments.organism.train import DETECT, RECIPES, smoke_config, train_all
+
+    assert RECIPES["detect"] is DETECT and DETECT.traces is CHECKED_CORPUS and DETECT.base_stop_slip == 0.30
+    config = smoke_config(traces=CHECKED_CORPUS, regimes=DETECT.regimes)
+    dirs = train_all(tmp_path, seed=5, config=config, progress=False, log=lambda *_: None)
+    assert set(dirs) == {"base", "sft-1k", "post-large"}
+    corpus = {r: json.loads((dirs[r] / "waitlens_organism.json").read_text())["corpus"] for r in dirs}
+    assert corpus["base"]["name"] == BASE_CORPUS.name
+    assert corpus["sft-1k"] == corpus["post-large"] == {**corpus["post-large"], "name": "checked", "learn_slips": 0.3}
