@@ -410,9 +410,11 @@ def _capture_batch(model: LoadedModel, seqs: Sequence[Sequence[int]], positions:
 
 
 @torch.inference_mode()
-def _clean_batch(target: LoadedModel, cases: Sequence[PatchCase], plans: Sequence[_Plan], layers, padding: str):
+def _clean_batch(target: LoadedModel, cases: Sequence[PatchCase], plans: Sequence[_Plan], layers, padding: str,
+                 full: dict | None = None):
     """`_clean_target` of every case from one padded forward: the clean log-probs at each case's
-    reads, its resid_pre states at its patched positions, the KV cache and each case's offset."""
+    reads, its resid_pre states at its patched positions, the KV cache and each case's offset.
+    `full` (a dict) also receives each layer's whole resid_pre [batch, pos, d_model]."""
     batch = pad_batch([c.target_ids for c in cases], padding, _pad_id(target), target.device)
     flat = torch.cat([batch.flat_index(b, pl.patched) for b, pl in enumerate(plans)])
     states: dict[int, Tensor] = {}
@@ -420,6 +422,8 @@ def _clean_batch(target: LoadedModel, cases: Sequence[PatchCase], plans: Sequenc
     def grab(layer):
         def fn(h):
             states[layer] = h.reshape(-1, h.shape[-1]).index_select(0, flat.to(h.device)).detach().clone()
+            if full is not None:
+                full[layer] = h.detach()  # a block's input is never changed in place
         return fn
 
     with residual_hooks(target, {hook_name(layer, "resid_pre"): grab(layer) for layer in layers}):
@@ -437,10 +441,11 @@ class _Tail:
     """One row of a batched tail forward: `seq` (the case's trajectory or a branch of it) from
     position `p` on, patched at p with `patch` = (layer, state) (None: unpatched), read at `sel`."""
 
-    __slots__ = ("case", "seq", "p", "patch", "sel", "key")
+    __slots__ = ("case", "seq", "p", "patch", "sel", "key", "start")
 
-    def __init__(self, case: int, seq, p: int, patch, sel, key):
+    def __init__(self, case: int, seq, p: int, patch, sel, key, start: int = 0):
         self.case, self.seq, self.p, self.patch, self.sel, self.key = case, seq, p, patch, list(sel), key
+        self.start = start  # the first block run: the patched layer when the clean states below are reused
 
     @property
     def end(self) -> int:
@@ -451,12 +456,13 @@ class _Tail:
 
 
 def _tail_groups(tails: list[_Tail], batch_size: int, max_tokens: int):
-    """Tails sorted by patched position, in groups of at most `batch_size` rows and `max_tokens`
-    tokens (rows × longest sequence, the cached prefix included)."""
+    """Tails sorted by first block and patched position, in groups of one first block, at most
+    `batch_size` rows and `max_tokens` tokens (rows × longest sequence, the cached prefix included)."""
     group: list[_Tail] = []
     longest = 0
-    for t in sorted(tails, key=lambda t: (t.p, t.end)):
-        if group and (len(group) >= batch_size or (len(group) + 1) * max(longest, t.end) > max_tokens):
+    for t in sorted(tails, key=lambda t: (t.start, t.p, t.end)):
+        if group and (len(group) >= batch_size or (len(group) + 1) * max(longest, t.end) > max_tokens
+                      or t.start != group[0].start):
             yield group
             group, longest = [], 0
         group.append(t)
@@ -466,17 +472,18 @@ def _tail_groups(tails: list[_Tail], batch_size: int, max_tokens: int):
 
 
 @torch.inference_mode()
-def _run_tails(target: LoadedModel, group: list[_Tail], cache, offsets: list[int], use_cache: bool) -> list[Tensor]:
+def _run_tails(target: LoadedModel, group: list[_Tail], cache, offsets: list[int], use_cache: bool,
+               full: dict | None = None) -> list[Tensor]:
     """Log-probs [len(sel), vocab] of every tail from one forward. The rows start together at
     s = the group's first patched position: tokens before s come from each row's own case's clean
     cache (or, without `use_cache`, every row runs from 0), tokens from s on are re-run (a row patched
     later than s re-runs a few clean tokens: equal to the cache up to float error). Rows are right-
     padded after their last read; causal attention keeps the pads out of every real token's view."""
-    from transformers import DynamicCache
-
     s = min(t.p for t in group) if use_cache else 0
     L = max(t.end for t in group) - s
     B = len(group)
+    if group[0].start:
+        return _run_tails_from(target, group, cache, offsets, s, L, full)
     pad = _pad_id(target)
     ids = torch.full((B, L), pad, dtype=torch.long)
     for j, t in enumerate(group):
@@ -501,23 +508,75 @@ def _run_tails(target: LoadedModel, group: list[_Tail], cache, offsets: list[int
         fns[hook_name(layer, "resid_pre")] = fn
     kwargs: dict = dict(use_cache=False)
     if s:
-        kv = []
-        for layer in cache.layers:
-            ks = [layer.keys[t.case, :, offsets[t.case]:offsets[t.case] + s] for t in group]
-            vs = [layer.values[t.case, :, offsets[t.case]:offsets[t.case] + s] for t in group]
-            kv.append((torch.stack(ks), torch.stack(vs)))
-        kwargs = dict(cache=DynamicCache(kv, config=target.hf.config), use_cache=True)
+        kwargs = dict(cache=_row_cache(target, group, cache, offsets, s), use_cache=True)
     with residual_hooks(target, fns):
         hid = decoder_of(target)(input_ids=ids, position_ids=pos, **kwargs).last_hidden_state
+    return _read_rows(target, group, hid, s, L)
+
+
+def _row_cache(target, group: list[_Tail], cache, offsets: list[int], s: int):
+    """A DynamicCache whose row j holds the first s entries of row j's own case's clean cache."""
+    from transformers import DynamicCache
+
+    kv = []
+    for layer in cache.layers:
+        ks = [layer.keys[t.case, :, offsets[t.case]:offsets[t.case] + s] for t in group]
+        vs = [layer.values[t.case, :, offsets[t.case]:offsets[t.case] + s] for t in group]
+        kv.append((torch.stack(ks), torch.stack(vs)))
+    return DynamicCache(kv, config=target.hf.config)
+
+
+def _read_rows(target, group: list[_Tail], hid: Tensor, s: int, L: int) -> list[Tensor]:
     flat = torch.cat([j * L + torch.as_tensor(t.sel, dtype=torch.long) - s for j, t in enumerate(group)])
     lp = torch.log_softmax(lm_head_of(target)(hid.reshape(-1, hid.shape[-1]).index_select(0, flat.to(hid.device)))
                            .float(), -1)
     return list(torch.split(lp, [len(t.sel) for t in group]))
 
 
+SKIP_TYPES = ("qwen2", "qwen3", "llama", "mistral")  # decoders whose blocks `_run_tails_from` can call one by one
+MAX_FULL_STATES = 1 << 29  # bytes of clean resid_pre kept per case group for starting tails mid-stack
+
+
+def can_start_mid_stack(model: LoadedModel) -> bool:
+    """Whether a patched tail can start at the patched block from the clean states below it: a
+    decoder of a known family (`SKIP_TYPES`: rotary positions, full attention in every block) on
+    one device."""
+    cfg, dec = model.hf.config, decoder_of(model)
+    if getattr(cfg, "model_type", None) not in SKIP_TYPES or getattr(model.hf, "hf_device_map", None):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+        return False
+    return all(hasattr(dec, a) for a in ("layers", "rotary_emb", "norm"))
+
+
+def _run_tails_from(target, group: list[_Tail], cache, offsets: list[int], s: int, L: int, full: dict) -> list[Tensor]:
+    """`_run_tails` for trajectory rows patched at block l = group[0].start: blocks below l see
+    only clean tokens, so each row enters block l with its case's clean resid_pre at positions
+    s.., its patch written in, and runs blocks l.. only (on the clean cache before s)."""
+    from transformers.masking_utils import create_causal_mask
+
+    l0 = group[0].start
+    dec = decoder_of(target)
+    src = full[l0]
+    hidden = src.new_zeros((len(group), L, src.shape[-1]))
+    for j, t in enumerate(group):
+        o = offsets[t.case]
+        hidden[j, :t.end - s] = src[t.case, o + s:o + t.end]
+        layer, v = t.patch
+        hidden[j, t.p - s] = v.to(hidden.device, hidden.dtype)
+    pos = torch.arange(s, s + L, device=hidden.device).expand(len(group), -1)
+    kv = _row_cache(target, group, cache, offsets, s) if s else None
+    mask = create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=None, cache=kv, position_ids=pos)
+    pe = dec.rotary_emb(hidden, pos)
+    for block in dec.layers[l0:target.n_layers]:
+        hidden = block(hidden, attention_mask=mask, position_ids=pos, cache=kv, use_cache=kv is not None,
+                       position_embeddings=pe)
+    return _read_rows(target, group, dec.norm(hidden), s, L)
+
+
 def _patch_cases_batched(source, target, cases: Sequence[PatchCase], groups: Sequence[list[int]], layers, window,
                          metrics: list[PatchMetric], use_cache, batch_size, skip_identical, cost, max_batch_tokens: int,
-                         padding: str):
+                         padding: str, skip_lower: bool = False):
     """Each group of cases (`hooks.batching.length_batches` of their lengths: at most `batch_size`
     cases and `max_batch_tokens` padded tokens) in one source forward and one clean target
     forward, then every patched tail of the group's cases (all positions, layers and branches) in
@@ -531,7 +590,10 @@ def _patch_cases_batched(source, target, cases: Sequence[PatchCase], groups: Seq
                               layers, padding)
         cost["source_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        clean_lps, tgts, cache, offsets = _clean_batch(target, group, plans, layers, padding)
+        d = target.hf.config.hidden_size
+        full = {} if skip_lower and len(group) * max(len(c.target_ids) for c in group) * len(layers) * d * 4 \
+            <= MAX_FULL_STATES else None
+        clean_lps, tgts, cache, offsets = _clean_batch(target, group, plans, layers, padding, full)
         cost["clean_forwards"] += len(group)
         cost["forward_calls"] += 2
         tails: list[_Tail] = []
@@ -548,7 +610,8 @@ def _patch_cases_batched(source, target, cases: Sequence[PatchCase], groups: Seq
                 for li, layer in pl.todo(srcs[ci], tgts[ci], k, layers, skip_identical):
                     row = (layer, srcs[ci][li, k])
                     if sel:
-                        tails.append(_Tail(ci, c.target_ids, p, row, sel, ("traj", p, layer)))
+                        tails.append(_Tail(ci, c.target_ids, p, row, sel, ("traj", p, layer),
+                                           start=layer if full is not None else 0))
                         cost["tail_token_fraction"] += (max(sel) + 1 - (p if use_cache else 0)) / T
                     for b, ps in live.items():
                         tails.append(_Tail(ci, b, p, row, ps, ("branch", p, layer, b)))
@@ -556,10 +619,10 @@ def _patch_cases_batched(source, target, cases: Sequence[PatchCase], groups: Seq
                     cost["tail_rows"] += 1
         results: list[dict] = [{} for _ in group]
         for tg in _tail_groups(tails, batch_size, max_batch_tokens):
-            for tl, lp in zip(tg, _run_tails(target, tg, cache, offsets, use_cache), strict=True):
+            for tl, lp in zip(tg, _run_tails(target, tg, cache, offsets, use_cache, full), strict=True):
                 results[tl.case][tl.key] = lp
             cost["forward_calls"] += 1
-        del cache
+        del cache, full
         cost["tail_s"] += time.perf_counter() - t
         for ci, (c, pl) in enumerate(zip(group, plans, strict=True)):
             t = time.perf_counter()
@@ -596,6 +659,7 @@ def patch(
     max_batch_tokens: int | None = MAX_BATCH_TOKENS,
     padding: str = "right",
     skip_identical: bool = True,
+    skip_lower_layers: bool = True,
     attribution: bool = False,
     seed: int = 0,
     direction: str | None = None,
@@ -616,7 +680,9 @@ def patch(
     max_batch_tokens: cases run in padded batches (at most `batch_size` cases, and tail forwards
     of at most `batch_size` rows, each within this many padded tokens; `padding` "right" or
     "left" for the source and clean forwards); None runs one case at a time (the reference path,
-    equal within float error). rank/world_size: data-parallel (default: torchrun's RANK and
+    equal within float error). skip_lower_layers: a batched tail patched at layer l on the
+    trajectory starts at block l from the clean states (the blocks below it see only clean tokens),
+    where `can_start_mid_stack`; False runs every block. rank/world_size: data-parallel (default: torchrun's RANK and
     WORLD_SIZE): rank r patches cases r, r + N, ...; every rank returns the gathered result, rows
     in the single-process order.
     Returns a PatchResult with one row (`PatchRow`) per (trajectory, anchor, layer, rel_pos, metric).
@@ -644,7 +710,8 @@ def patch(
     else:  # a rank takes whole groups, so its forwards are the single process's, float for float
         groups = list(length_batches([len(c.target_ids) for c in cases], batch_size, max_batch_tokens))[rank::world]
         mine = [i for g in groups for i in g]
-        results = _patch_cases_batched(source, target, cases, groups, *args, max_batch_tokens, padding)
+        results = _patch_cases_batched(source, target, cases, groups, *args, max_batch_tokens, padding,
+                                       skip_lower_layers and can_start_mid_stack(target))
     by_case: dict[int, list[PatchRow]] = {}
     for i, out, ctx in tqdm(results, total=len(mine), desc=f"patching {direction}", disable=not progress):
         if attribution:
@@ -660,7 +727,8 @@ def patch(
     table = pd.DataFrame([tuple(getattr(r, c) for c in ROW_COLUMNS) for r in rows], columns=ROW_COLUMNS)
     info.update(direction=direction, directions=[direction], layers=layers, window=list(window),
                 metrics=[m.name for m in metric_fns], kl_positions=kl_positions, use_cache=use_cache,
-                max_batch_tokens=max_batch_tokens, padding=padding, rank=rank, world_size=world, cost=cost)
+                max_batch_tokens=max_batch_tokens, padding=padding, rank=rank, world_size=world, cost=cost,
+                skip_lower_layers=bool(skip_lower_layers and max_batch_tokens is not None and can_start_mid_stack(target)))
     return PatchResult(table, info)
 
 

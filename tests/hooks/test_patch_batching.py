@@ -81,13 +81,16 @@ def test_batched_patch_equals_one_at_a_time_organism(organism_pair, names):
     assert ref.info["cost"]["forward_calls"] > 40  # the reference: a forward per patched position
     if "forced_answer" in names:
         assert ref.info["cost"]["branch_rows"] > 0  # branches (the forced answer) are patched too
-    for kw in (dict(padding="right"), dict(padding="left"), dict(max_batch_tokens=300, use_cache=False)):
+    for kw in (dict(padding="right"), dict(padding="left"), dict(max_batch_tokens=300, use_cache=False),
+               dict(skip_lower_layers=False)):
         got = run(**kw)
+        assert got.info["skip_lower_layers"] == ("skip_lower_layers" not in kw)  # tails start at the patched block
         if "max_batch_tokens" not in kw:  # far fewer forwards (300 tokens: a few rows each)
             assert got.info["cost"]["forward_calls"] < ref.info["cost"]["forward_calls"] / 5, kw
         assert_same_rows(ref.table, got.table)
     # one case and one row per forward: the reference's forwards exactly, so its floats exactly
-    assert_same_rows(run(max_batch_tokens=None, batch_size=1).table, run(batch_size=1).table, exact=True)
+    assert_same_rows(run(max_batch_tokens=None, batch_size=1).table,
+                     run(batch_size=1, skip_lower_layers=False).table, exact=True)
 
 
 def test_batched_ablations_equal_one_at_a_time_organism(organism_pair):
@@ -139,7 +142,9 @@ def test_batched_patch_and_ablations_equal_one_at_a_time_smollm2(smollm2):
     assert ref.info["n_cases"] == 3 and ref.info["cost"]["branch_rows"] > 0
     assert ref.table["effect"].abs().max() > 1e-3  # the copy differs: the comparison is not of zeros
     for padding in ("right", "left"):
-        assert_same_rows(ref.table, run(padding=padding).table)
+        got = run(padding=padding)
+        assert got.info["skip_lower_layers"]  # Llama: tails start at the patched block
+        assert_same_rows(ref.table, got.table)
     for kind in ("replace-wait", "remove-wait", "shuffle-steps"):
         refa = quiet(ablate, smollm2, trajs, kind, max_batch_tokens=None)[0]
         for padding in ("right", "left"):
