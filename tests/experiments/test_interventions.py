@@ -69,13 +69,19 @@ def _sample(model, n, seed=0):
     return trajs
 
 
+@pytest.fixture(scope="module")
+def post_large_40(organism_pair):
+    """40 of post-large's trajectories, sampled once for both cut points (force_wait only reads them)."""
+    return _sample(organism_pair["post-large"], 40)
+
+
 @pytest.mark.parametrize("at", ["end", "steps"])
-def test_rerun_keeps_its_prefix_and_the_word_sits_at_its_offset(organism_pair, at):
+def test_rerun_keeps_its_prefix_and_the_word_sits_at_its_offset(organism_pair, post_large_40, at):
     from waitlens.experiments.organism.interventions import step_boundaries as org_steps
     from waitlens.hooks.interventions import force_wait
 
     model = organism_pair["post-large"]
-    trajs = _sample(model, 40)
+    trajs = post_large_40
     res = force_wait(model, trajs, at=at, n=2, max_new_tokens=96, seed=0, boundaries=org_steps)
     assert len(res) >= 35 and all(r.word == "wait" for r in res)  # the organism has no "Wait"
     by_id = {t.id: t for t in trajs}

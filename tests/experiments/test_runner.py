@@ -40,14 +40,22 @@ def study(tmp_path_factory):
     return root, parse_config(raw, source="tiny.toml")
 
 
+@pytest.fixture(scope="module")
+def clean_run(study):
+    """One uninterrupted run of the whole study, shared: the first test checks it and its
+    reruns, the kill test compares its resumed run with it."""
+    root, cfg = study
+    return run_study(cfg, study_stages(), runs_root=root / "runs", quiet=True)
+
+
 def _tables(run_dir):
     return {p.relative_to(run_dir).as_posix(): pd.read_csv(p) for p in sorted(run_dir.glob("*/*.csv"))}
 
 
 @pytest.mark.slow
-def test_full_study_then_skip(study, capsys):
+def test_full_study_then_skip(study, clean_run):
     root, cfg = study
-    run_dir = run_study(cfg, study_stages(), runs_root=root / "runs", quiet=True)
+    run_dir = clean_run
     manifest = read_manifest(run_dir)
     assert [s for s, v in manifest["stages"].items() if v["status"] == "done"] == list(cfg.stages)
     assert all(v["seconds"] >= 0 for v in manifest["stages"].values())
@@ -68,9 +76,9 @@ def test_full_study_then_skip(study, capsys):
 
 
 @pytest.mark.slow
-def test_killed_capture_resumes_and_matches(study, monkeypatch):
+def test_killed_capture_resumes_and_matches(study, clean_run, monkeypatch):
     root, cfg = study
-    clean = run_study(cfg, study_stages(), runs_root=root / "clean", quiet=True)
+    clean = clean_run
 
     import importlib
 
