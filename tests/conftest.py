@@ -11,6 +11,12 @@ import torch
 # No model hub here: fail fast instead of retrying the network for half a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist (make test: -n 2) the workers share the cores: one torch thread pool each
+# of cores / workers threads, not every worker one the size of the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Q", "A", ";", "=", "+", "-", "so", "therefore",
          "wait", "alternatively", "hmm", "check"] + [str(i) for i in range(30)]
 
@@ -53,10 +59,17 @@ def tiny_model(tiny_qwen_dir):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M-Instruct (fp32). The first load converts the GGUF (~35 s), then cached."""
-    from waitlens.hooks import load_model
+    """SmolLM2-135M-Instruct (fp32), loaded once per test process. The first load converts the
+    GGUF (~35 s) into the cache (hooks.models.cache_dir); under pytest-xdist the workers take a
+    file lock first, so one converts and the others load its result."""
+    from filelock import FileLock
 
-    return load_model("smollm2", device="cpu", dtype="float32")
+    from waitlens.hooks import load_model
+    from waitlens.hooks.models import cache_dir
+
+    (cache_dir() / "gguf").mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_dir() / "gguf" / ".convert.lock"):
+        return load_model("smollm2", device="cpu", dtype="float32")
 
 
 def tiny_trajectory(i: int = 0, reasoning: str | None = None, correct: bool = True):
