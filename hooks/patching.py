@@ -24,9 +24,10 @@ groups its sequences (`hooks.batching`); a group's source states and clean runs 
 padded forward each (right or left padding), and the patched tails of all its cases - every
 position, layer and branch - run as rows of a few forwards: rows sorted by patched position start
 together at the group's first one, each on its own case's clean KV cache, right-padded after their
-last read. ``max_batch_tokens=None`` is the reference path, one case at a time; the two agree
-within float error (tests: 1e-5). Under torchrun, each rank takes every N-th group and the rows are
-gathered in the single process's order.
+last read; a row patched at layer l on the trajectory starts at block l from the clean states
+(`skip_lower_layers`, where `can_start_mid_stack`). ``max_batch_tokens=None`` is the reference
+path, one case at a time; the two agree within float error (tests: 1e-5). Under torchrun, each
+rank takes every N-th group and the rows are gathered in the single process's order.
 
 `attribute` is attribution patching (the estimate lives in `hooks.attribution`): the
 first-order estimate ``(a_source - a_target) · ∂metric/∂a_target`` at every (layer, position)
