@@ -140,6 +140,9 @@ class CorpusSpec:
     hard_slip: float | None = None
     hard_fix: float = 1.0
     hard_fix_ops: str = "+-"  # the operations whose hard steps `hard_fix` applies to (others: fixed)
+    # what the writer does after a slip it cannot fix: "repeat" (its re-check repeats the slipped
+    # value) or "go-on" (it says "wait" and goes straight on to the next step, the slip carried)
+    blind_role: str = "repeat"
     hesitate_after_correct: float = 0.0
     # training only: the share of slipped step values kept in the loss (the rest are masked, so the
     # model sees this corpus's slips and learns to catch them, but learns to make fewer of them)
@@ -210,9 +213,13 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
         u = rng.random()
         p_wait = spec.wait_after_slip if slipped else spec.wait_after_correct
         p_alt = spec.alt_after_slip if slipped else spec.alt_after_correct
+        # a slip the writer cannot fix (its blind spot: a hard step of `hard_fix_ops`)
+        blind = (slipped and hard and op in spec.hard_fix_ops and spec.hard_fix < 1.0
+                 and rng.random() >= spec.hard_fix)
         hesitation = not slipped and (
             (spec.wait_after_correct_role == "connective" and u < p_wait)
             or p_wait + p_alt <= u < p_wait + p_alt + spec.hesitate_after_correct)
+        hesitation = hesitation or (blind and spec.blind_role == "go-on" and u < p_wait)
         if spec.recheck == "connective" or hesitation:
             # the discourse word stands where a connective would, before the next step
             if (hesitation or u < p_wait + p_alt) and i + 1 < len(problem.ops):
@@ -226,7 +233,7 @@ def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> 
         if u < p_wait + p_alt:
             word = "wait" if u < p_wait else "alternatively"
             new = c if spec.recheck == "restate" else correct
-            if slipped and hard and op in spec.hard_fix_ops and spec.hard_fix < 1.0 and rng.random() >= spec.hard_fix:
+            if blind:
                 new = c  # the blind spot: the re-check repeats the slip
             o, bb = (op, b) if word == "wait" else other_way(op, b)
             words += [word, str(r), o, str(bb), "=", str(new)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,11 @@ CONNECTIVE = CorpusSpec("connective", wait_after_slip=0.3, wait_after_correct=0.
 
 # hesitations beside re-checks of correct steps (the two roles of "wait" after a correct step in one corpus)
 HESITANT = CorpusSpec("hesitant", slip=0.15, wait_after_slip=1.0, wait_after_correct=0.05, hesitate_after_correct=0.05)
+# a writer that says "wait" after a slipped borrow and goes on without re-checking it
+GO_ON = replace(CHECKED_CORPUS, name="go-on", blind_role="go-on")
 
 
-@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS, CONNECTIVE, CHECKED_CORPUS, HESITANT],
+@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS, CONNECTIVE, CHECKED_CORPUS, HESITANT, GO_ON],
                          ids=lambda s: s.name)
 def test_generator_truth_matches_text(spec):
     rng = np.random.default_rng(1)
@@ -59,7 +62,10 @@ def test_generator_truth_matches_text(spec):
         assert [s["true"] for s in new_steps] == p.true_values()
         for w in truth.waits:
             n_waits += 1
-            if (spec.wait_after_correct_role == "connective" or spec.hesitate_after_correct) and not w["rechecked"]:
+            if spec.blind_role == "go-on" and w["after_slip"] and _blind(p, truth, w, spec):
+                # the writer's blind spot: "wait", then on to the next step with the slip
+                assert not w["rechecked"] and not w["changed_answer"]
+            elif (spec.wait_after_correct_role == "connective" or spec.hesitate_after_correct) and not w["rechecked"]:
                 # a hesitation: "wait", then straight on to the next step
                 assert not w["after_slip"] and not w["changed_answer"]
             elif spec.recheck == "fix" and spec.hard_fix < 1.0 and w["after_slip"] and _blind(p, truth, w, spec):
