@@ -23,11 +23,11 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0: the shipped weights)")
     t.add_argument("--out", default=None, help="output directory (default: the shipped weights dir)")
     t.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (for CI)")
-    t.add_argument("--recipe", default="default", choices=["default", "paced", "detect"],
+    t.add_argument("--recipe", default="default", choices=["default", "paced", "detect", "go-on"],
                    help="default: the shipped recipe (base trained a fixed 450 steps); paced: the base stopped at "
                         "a fixed held-out slip level (0.30 per step) instead; detect: the paced base, then sft-1k and "
-                        "post-large on checked traces, a post-large that notices its slips (opt-in recipes; never the "
-                        "shipped weights)")
+                        "post-large on checked traces, a post-large that notices its slips; go-on: the same with a writer "
+                        "that goes on after a slip it cannot fix (opt-in recipes; never the shipped weights)")
     t.add_argument("--regimes", nargs="+", default=None, metavar="REGIME",
                    help="train only these fine-tuned regimes (the base always); bitwise the same as in a full run")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

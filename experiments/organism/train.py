@@ -84,6 +84,7 @@ class TrainConfig:
     # regimes a run trains when `train_all` is not given any (None: all of them)
     traces: CorpusSpec | None = None
     regimes: tuple[str, ...] | None = None
+    base_corpus: CorpusSpec | None = None  # the base's pre-training corpus (None: `task.BASE_CORPUS`)
 
 
 SMOKE = TrainConfig(base_steps=6, base_batch=8, sft_traces=16, sft_epochs=1, sft_batch=8,
@@ -98,7 +99,13 @@ PACED = TrainConfig(base_steps=1200, base_stop_slip=0.30)
 # the detect recipe: the paced base, then the default pair on checked traces (`task.CHECKED_CORPUS`:
 # every slip re-checked, a blind spot on borrows, 30% of slips learned) with 1,500 post-training steps
 DETECT = replace(PACED, traces=CHECKED_CORPUS, post_traces=96000, regimes=("sft-1k", "post-large"))
-RECIPES = {"default": TrainConfig(), "paced": PACED, "detect": DETECT}
+# the go-on recipe: a paced base pre-trained with hesitations ("wait", then the next step, after 3% of
+# correct steps), then the pair on checked traces whose writer says "wait" after a slipped borrow and
+# goes on without a re-check (60% of slips learned), 1,000 post-training steps
+GO_ON = replace(PACED, base_check_every=20, base_corpus=replace(BASE_CORPUS, name="base-hesitant", hesitate_after_correct=0.03),
+                traces=replace(CHECKED_CORPUS, name="checked-go-on", blind_role="go-on", learn_slips=0.6),
+                post_traces=64000, regimes=("sft-1k", "post-large"))
+RECIPES = {"default": TrainConfig(), "paced": PACED, "detect": DETECT, "go-on": GO_ON}
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -234,7 +241,8 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
         model = build_model(seed, arch=config.arch)
         rng = _rng(seed, 1)
         t0 = time.time()
-        base_batches = (collate(make_corpus(BASE_CORPUS, config.base_batch, rng)) for _ in range(config.base_steps))
+        base_batches = (collate(make_corpus(corpus_of("base", config), config.base_batch, rng))
+                        for _ in range(config.base_steps))
         stop, probe = None, None
         if config.base_stop_slip is not None:
             probe = slip_probe_batch(seed)
@@ -300,7 +308,7 @@ def corpus_of(regime: str, config: TrainConfig | None = None) -> CorpusSpec:
     """The corpus a regime is trained on (the base's, the traces' — the recipe's own if it has one —
     or the vigilant traces')."""
     if regime == "base":
-        return BASE_CORPUS
+        return config.base_corpus if config is not None and config.base_corpus is not None else BASE_CORPUS
     if regime.endswith("-vigilant"):
         return VIGILANT_CORPUS
     return config.traces if config is not None and config.traces is not None else TRACE_CORPUS

@@ -564,16 +564,19 @@ def test_paced_base_stops_at_its_held_out_slip_level(tmp_path):
 
 
 def test_a_recipe_with_its_own_traces_trains_its_pair_on_them(tmp_path):
-    """A recipe's `traces` corpus (the detect recipe's checked traces) is what sft-1k and post-large
-    learn from and what their manifests record, and the recipe's `regimes` are trained by default."""
+    """A recipe's `traces` corpus (the go-on recipe's checked traces) is what sft-1k and post-large
+    learn from, its `base_corpus` what the base learns from, as their manifests record, and the
+    recipe's `regimes` are trained by default."""
     import json
 
-    from waitlens.experiments.organism.train import DETECT, RECIPES, smoke_config, train_all
+    from waitlens.experiments.organism.train import DETECT, GO_ON, RECIPES, smoke_config, train_all
 
     assert RECIPES["detect"] is DETECT and DETECT.traces is CHECKED_CORPUS and DETECT.base_stop_slip == 0.30
-    config = smoke_config(traces=CHECKED_CORPUS, regimes=DETECT.regimes)
+    assert RECIPES["go-on"] is GO_ON and GO_ON.traces.blind_role == "go-on"
+    config = smoke_config(traces=GO_ON.traces, base_corpus=GO_ON.base_corpus, regimes=DETECT.regimes)
     dirs = train_all(tmp_path, seed=5, config=config, progress=False, log=lambda *_: None)
     assert set(dirs) == {"base", "sft-1k", "post-large"}
     corpus = {r: json.loads((dirs[r] / "waitlens_organism.json").read_text())["corpus"] for r in dirs}
-    assert corpus["base"]["name"] == BASE_CORPUS.name
-    assert corpus["sft-1k"] == corpus["post-large"] == {**corpus["post-large"], "name": "checked", "learn_slips": 0.3}
+    assert corpus["base"] == {**corpus["base"], "name": "base-hesitant", "hesitate_after_correct": 0.03}
+    assert corpus["sft-1k"] == corpus["post-large"] == {**corpus["post-large"], "name": "checked-go-on",
+                                                        "learn_slips": 0.6, "blind_role": "go-on"}
