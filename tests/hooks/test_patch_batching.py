@@ -128,7 +128,7 @@ def smollm2_trajs():
 @pytest.mark.slow
 def test_batched_patch_and_ablations_equal_one_at_a_time_smollm2(smollm2):
     """A real BPE model (30 layers, 49k vocabulary) against a perturbed copy of itself, with the
-    model-agnostic metrics (the forced answer reads branches); the ablations with sentences."""
+    model-agnostic metrics (the forced answer reads branches); an ablation with sentences."""
     tuned = copy.deepcopy(smollm2.hf)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_batched_patch_and_ablations_equal_one_at_a_time_smollm2(smollm2):
         got = run(padding=padding)
         assert got.info["skip_lower_layers"]  # Llama: tails start at the patched block
         assert_same_rows(ref.table, got.table)
-    for kind in ("replace-wait", "remove-wait", "shuffle-steps"):
+    for kind in ("replace-wait",):  # every kind is checked on the organism above; one on a real BPE model
         refa = quiet(ablate, smollm2, trajs, kind, max_batch_tokens=None)[0]
         for padding in ("right", "left"):
             assert_same_ablations(refa, quiet(ablate, smollm2, trajs, kind, padding=padding)[0])
