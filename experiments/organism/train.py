@@ -11,6 +11,9 @@
 - opt-in recipe ``paced`` (`PACED`, ``organism train --recipe paced --out DIR``): the base is
   stopped at a held-out slip level (0.30 per step) instead of a fixed step count, so every seed's
   base sits at the same point of its arithmetic jump and SFT's accuracy jump holds at every seed.
+- opt-in recipes ``detect`` (`DETECT`) and ``go-on`` (`GO_ON`): the paced base, then sft-1k and
+  post-large on checked traces (`task.CHECKED_CORPUS`), where post-large learns to notice its slips
+  (experiments/organism/README.md says what each meets).
 
 Loss is on the solution tokens only (reasoning, answer, eos). Everything — initialisation,
 data, order — comes from the seed; with the same torch build and thread count a retrain is
