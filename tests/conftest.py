@@ -95,3 +95,13 @@ def study_trajectories(n_problems: int = 10):
             out.append(Trajectory(id=f"q{p}-{k}", problem_id=f"q{p}", prompt=f"Q {a} + {b} - 1 ;",
                                   reasoning=reasoning, answer=str(s - 1 if ok else s), gold=str(s - 1)))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on the shared 2-core box, 2 threads are ~100x slower under contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

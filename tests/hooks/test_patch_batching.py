@@ -25,12 +25,7 @@ KEYS = ["direction", "trajectory_id", "problem_id", "anchor", "control", "layer"
 VALUES = ["clean", "patched", "effect", "attribution"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet(fn, *a, **k):

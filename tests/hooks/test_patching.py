@@ -23,12 +23,7 @@ def org_metrics(names=ORG):
     return resolve_study_metrics(names)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared CPU box: 2 threads are ~100x slower under contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ def needs_realdata():
         pytest.skip(f"the realdata folder is not at {REALDATA} (third-party tokenizer files, see SOURCES.md)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
