@@ -42,6 +42,7 @@ from waitlens.experiments.organism.task import (
     TRACE_CORPUS,
     VIGILANT_CORPUS,
     CorpusSpec,
+    analyze,
     make_trace,
     random_problem,
 )
@@ -135,8 +136,6 @@ def make_corpus(spec: CorpusSpec, n: int, rng: np.random.Generator,
 
 def slipped_values(problem, reasoning: str) -> list[int]:
     """Word indices (in the reasoning) of the values of slipped steps as first written."""
-    from waitlens.experiments.organism.task import analyze
-
     truth = analyze(problem, reasoning)
     return [s["word"] + (4 if s["word"] == 0 else 5) for s in truth.steps if s["kind"] == "step" and s["slip"]]
 
@@ -244,8 +243,8 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
         model = build_model(seed, arch=config.arch)
         rng = _rng(seed, 1)
         t0 = time.time()
-        base_batches = (collate(make_corpus(corpus_of("base", config), config.base_batch, rng))
-                        for _ in range(config.base_steps))
+        base_corpus = corpus_of("base", config)
+        base_batches = (collate(make_corpus(base_corpus, config.base_batch, rng)) for _ in range(config.base_steps))
         stop, probe = None, None
         if config.base_stop_slip is not None:
             probe = slip_probe_batch(seed)
