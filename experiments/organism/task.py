@@ -133,8 +133,8 @@ class CorpusSpec:
     # opt-in difficulty (None/0: off, and the corpus's random stream is that of a spec without it):
     # a *hard* step is one that wraps around (``a + b >= 10`` or ``b > a``, `is_hard`).
     # hard_slip: P(slip) on hard steps (`slip` is then the rate on easy ones);
-    # hard_fix: P(a re-check of a slipped hard step writes the right value) — otherwise the
-    # re-check repeats the slipped value (the writer's blind spot) and the trace goes on from it;
+    # hard_fix: P(the writer can fix a slipped hard step) — otherwise it is the writer's blind
+    # spot (`blind_role` says what it does there) and the trace goes on from the slipped value;
     # hesitate_after_correct: P(a connective "wait" after a correct step), on top of the re-checks
     # `wait_after_correct` asks for.
     hard_slip: float | None = None
@@ -179,8 +179,8 @@ def is_hard(a: int, op: str, b: int) -> bool:
 
 # Checked traces (the opt-in `detect` recipe, `train.DETECT`): the writer re-checks every slip it
 # makes and 4% of its correct steps; it slips more on hard steps (a carry or a borrow: 30% against 6%),
-# and it has a blind spot: its re-check of a slipped borrow repeats the slip, so those answers end
-# wrong. Only 30% of the slipped values are in the loss (`learn_slips`): the model sees a writer that
+# and it has a blind spot: its re-check of a slipped borrow repeats the slip, so the slip stays in
+# the trace. Only 30% of the slipped values are in the loss (`learn_slips`): the model sees a writer that
 # slips at 16% of steps and re-checks each slip, and learns to slip about a third as often.
 CHECKED_CORPUS = CorpusSpec(
     "checked", slip=0.06, hard_slip=0.30, wait_after_slip=1.0, wait_after_correct=0.04,
