@@ -369,6 +369,29 @@ def gguf_architecture(path: Path) -> str:
     return bytes(fld.parts[fld.data[0]]).decode()
 
 
+_GGUF_KEYS: dict[tuple[str, int, int], str] = {}
+
+
+def gguf_cache_key(path: Path) -> str:
+    """A GGUF file's conversion-cache key: the sha256 of its bytes (~0.1 s CPU for SmolLM2's
+    98 MB), so every copy of the same file (each fresh clone's venv) shares one converted
+    directory. Hashed once per process per path, size and mtime."""
+    st = path.stat()
+    seen = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if seen not in _GGUF_KEYS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        _GGUF_KEYS[seen] = h.hexdigest()[:16]
+    return _GGUF_KEYS[seen]
+
+
+def gguf_cache_target(path: Path) -> Path:
+    """Where `path`'s converted HF directory is cached: ``<cache_dir>/gguf/<stem>-<content key>``."""
+    return cache_dir() / "gguf" / f"{path.stem}-{gguf_cache_key(path)}"
+
+
 def _gguf_to_dir(path: Path) -> Path:
     """Convert a GGUF file to a cached HF directory once (the conversion takes ~50 s)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -379,9 +402,7 @@ def _gguf_to_dir(path: Path) -> Path:
             f"{path}: GGUF architecture {arch!r} is not supported by transformers' GGUF loader "
             f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
         )
-    st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    target = gguf_cache_target(path)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -61,6 +61,40 @@ def test_unsupported_gguf_architecture(tmp_path):
         load_model(str(junk), device="cpu")
 
 
+def test_gguf_cache_key_is_the_file_content(tmp_path, monkeypatch):
+    """Copies of one GGUF at other paths and mtimes (a fresh clone's venv) share a cache entry
+    and reuse a conversion already there; one changed byte is another entry."""
+    import os
+
+    from waitlens.hooks import models
+
+    monkeypatch.setenv("WAITLENS_CACHE", str(tmp_path / "cache"))
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one 1 MiB read
+    a, b, c = (tmp_path / d / "m.gguf" for d in "abc")
+    changed = bytearray(data)
+    changed[-1] ^= 1  # in the second read
+    for p, content in ((a, data), (b, data), (c, bytes(changed))):
+        p.parent.mkdir()
+        p.write_bytes(content)
+    os.utime(b, ns=(10**9, 10**9))
+    assert a.stat().st_mtime_ns != b.stat().st_mtime_ns
+    target = models.gguf_cache_target(a)
+    assert target == models.gguf_cache_target(b) and target.parent == tmp_path / "cache" / "gguf"
+    assert models.gguf_cache_key(c) != models.gguf_cache_key(a)
+    a.write_bytes(bytes(changed))  # the same path changed in place: hashed again
+    os.utime(a, ns=(2 * 10**9, 2 * 10**9))
+    assert models.gguf_cache_key(a) == models.gguf_cache_key(c)
+    # a conversion already cached for one copy is found for another (no conversion runs)
+    g1, g2 = tmp_path / "g1", tmp_path / "g2"
+    g1.mkdir(), g2.mkdir()
+    write_gguf(g1 / "m.gguf", "llama")
+    (g2 / "m.gguf").write_bytes((g1 / "m.gguf").read_bytes())
+    done = models.gguf_cache_target(g1 / "m.gguf")
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    assert models._gguf_to_dir(g2 / "m.gguf") == done
+
+
 def test_context_length_error(tmp_path):
     m = load_model(str(make_tiny_qwen(tmp_path / "short", max_pos=16)), device="cpu", dtype="float32")
     with pytest.raises(ContextLengthError, match=r"trajectory 't0' has \d+ tokens, more than the context .*16 tokens"):
