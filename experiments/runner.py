@@ -306,7 +306,7 @@ def _run_locked(cfg, stages, run_dir: Path, facts, only, force, quiet) -> Path:
         if missing:
             raise RunError(f"stage {name!r} needs {missing} first; run without --only, or with --only {missing[0]}")
         ctx.log(f"{name}: running")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out_dir = ctx.stage_dir(name)
         status = "done"
         if stage.resumable:
@@ -333,9 +333,9 @@ def _run_locked(cfg, stages, run_dir: Path, facts, only, force, quiet) -> Path:
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             os.replace(partial, out_dir)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         manifest["stages"][name] = {
-            "status": status, "seconds": round(seconds, 2), "summary": summary,
+            "status": status, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "summary": summary,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": _stage_config(name, config), "files": _files(out_dir),
         }

@@ -73,13 +73,31 @@ def check_labels(y: np.ndarray, groups: np.ndarray, n_folds: int, what: str = "p
         )
 
 
+_FOLD_CACHE: dict[tuple, Folds] = {}
+_FOLD_CACHE_SIZE = 32
+
+
 def make_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = 5, n_inner: int = 3,
                seed: int = 0) -> Folds:
     """Outer StratifiedGroupKFold by problem, and a grouped inner split inside every outer
-    training set (and inside all rows, for the final probe)."""
+    training set (and inside all rows, for the final probe).
+
+    The split is a function of its arguments only, so a repeat (every model's probe on the
+    same pooled rows) is answered from a small cache, as copies."""
     y = np.asarray(y).astype(int)
     groups = np.asarray(groups).astype(str)
     check_labels(y, groups, n_folds)
+    key = (y.tobytes(), groups.dtype.str, groups.tobytes(), len(y), int(n_folds), int(n_inner), int(seed))
+    hit = _FOLD_CACHE.get(key)
+    if hit is None:
+        hit = _make_folds(y, groups, n_folds, n_inner, seed)
+        if len(_FOLD_CACHE) >= _FOLD_CACHE_SIZE:
+            _FOLD_CACHE.pop(next(iter(_FOLD_CACHE)))
+        _FOLD_CACHE[key] = hit
+    return Folds(hit.outer.copy(), hit.inner.copy(), hit.n_folds, hit.n_inner, hit.problems.copy())
+
+
+def _make_folds(y: np.ndarray, groups: np.ndarray, n_folds: int, n_inner: int, seed: int) -> Folds:
     n = len(y)
     outer = np.full(n, -1)
     with warnings.catch_warnings():

@@ -79,6 +79,26 @@ def test_shuffled_labels_keep_one_label_per_trajectory_and_the_balance():
         assert sorted(s[first][:2]) == [0, 1] and sorted(s[first][2:]) == [0, 1]
 
 
+def test_repeated_folds_come_from_the_cache_equal_and_unshared():
+    from waitlens.probes import folds as folds_mod
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(30), 4).astype(str)
+    y = np.repeat(rng.integers(0, 2, 30), 4)
+    a = make_folds(y, groups, 5, 3, seed=2)
+    a.outer[:] = -7  # a caller's edit must not reach the next caller
+    a.inner[:] = -7
+    b = make_folds(y.astype(float), list(groups), 5, 3, seed=2)
+    fresh = folds_mod._make_folds(y, groups, 5, 3, 2)
+    assert np.array_equal(b.outer, fresh.outer) and np.array_equal(b.inner, fresh.inner)
+    assert np.array_equal(b.problems, fresh.problems) and (b.n_folds, b.n_inner) == (5, 3)
+    other = make_folds(y, groups, 5, 3, seed=3)  # another seed is another split
+    assert not np.array_equal(other.outer, b.outer)
+    y2 = y.copy()
+    y2[groups == "0"] = 1 - y2[groups == "0"]  # other labels: their own split, not the cached one
+    assert np.array_equal(make_folds(y2, groups, 5, 3, seed=2).inner, folds_mod._make_folds(y2, groups, 5, 3, 2).inner)
+
+
 def test_planted_leakage_grouped_cv_is_chance_ungrouped_is_not():
     """Requirement 2: one label per problem, near-identical states within a problem."""
     X, meta = leaky_states(40, 20, n_layers=1, d_model=64, seed=1)
