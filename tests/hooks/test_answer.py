@@ -58,13 +58,13 @@ def test_suffix_tokens_match_rendering(tiny_model):
 @pytest.mark.slow
 def test_branching_equals_recompute_smollm2(smollm2):
     reasoning = ("Let me add the numbers step by step. 17 plus 25 is 42. Wait, let me check that again: "
-                 "17 plus 25, seven plus five is twelve, carry the one, so 42. Hmm, then 42 minus 9 is 33. ") * 3
-    traj = Trajectory(id="s", problem_id="p", prompt="What is 17 + 25 - 9?", reasoning=reasoning.strip(),
+                 "17 plus 25, seven plus five is twelve, carry the one, so 42. Hmm, then 42 minus 9 is 33.")
+    traj = Trajectory(id="s", problem_id="p", prompt="What is 17 + 25 - 9?", reasoning=reasoning,
                       answer="33", gold="33", correct=True)
     rd = smollm2.render(traj, include_answer=False)
     t0, t1 = rd.reasoning_tokens
-    assert 150 <= t1 - t0 <= 260
-    prefixes = list(np.linspace(t0 + 1, t1, 8).astype(int))
+    assert 40 <= t1 - t0 <= 80
+    prefixes = list(np.linspace(t0 + 1, t1, 5).astype(int))
     a = _agree(smollm2, traj, prefixes, max_answer_tokens=2)
     assert (a["gold_prob"] <= 1).all()
     # the suffix+answer tokenized alone equals the rendering here (no merge across the boundary)

@@ -46,11 +46,12 @@ def organism_trajs():
 
 
 def smollm2_trajs():
+    """Three lengths (~15-40 reasoning tokens: the batches are padded), each with a "Wait"."""
     base = ("Let me add the numbers step by step. 17 plus 25 is 42. Wait, let me check that again: "
-            "17 plus 25, seven plus five is twelve, carry the one, so 42. Hmm, then 42 minus 9 is 33. ")
+            "17 plus 25, seven plus five is twelve, carry the one, so 42. Hmm, then 42 minus 9 is 33.")
     return [Trajectory(id=f"s{i}", problem_id=f"p{i}", prompt="What is 17 + 25 - 9?",
-                       reasoning=(base * (i + 1)).strip()[: 60 + 70 * i], answer="33", gold="33", correct=bool(i % 2))
-            for i in range(4)]
+                       reasoning=base[: 60 + 50 * i].strip(), answer="33", gold="33", correct=bool(i % 2))
+            for i in range(3)]
 
 
 def _check_logprobs(model, trajs, tol=TOL):
@@ -156,7 +157,7 @@ def test_batched_smollm2(smollm2):
     _check_logprobs(smollm2, trajs, tol=TOL_LOG32)
     _check_curves(smollm2, trajs, k=1, every=24, max_answer_tokens=2)
     exact = dataclasses.replace(smollm2, hf=copy.deepcopy(smollm2.hf).double())
-    _check_logprobs(exact, trajs, tol=1e-9)
+    _check_logprobs(exact, trajs[:2], tol=1e-9)  # two lengths: padded
     _check_curves(exact, trajs[:2], k=1, every=40, max_answer_tokens=2, tol=1e-9, tol_log=1e-9)
 
 

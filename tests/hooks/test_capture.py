@@ -21,7 +21,13 @@ from waitlens.hooks import (
     open_store,
 )
 from waitlens.hooks.points import residual_hooks
-from waitlens.traces import Trajectory, control_positions, find_positions, save_trajectories
+from waitlens.traces import (
+    Trajectory,
+    control_positions,
+    find_positions,
+    load_trajectories,
+    save_trajectories,
+)
 
 TOL = 1e-4
 CLAUSES = ["3 + 4 = 7 ;", "wait 7 - 2 = 5 ;", "so 5 + 1 = 6", "hmm check 6 ;", "therefore 9 - 3 = 6 ;",
@@ -405,8 +411,15 @@ model = load_model("organism:post-large", device="cpu", dtype="float32")
 trajs = load_trajectories(trajs_file)
 pos = find_positions(model, trajs, ["wait", "so", "therefore", "alternatively"])
 pos = pos.concat(control_positions(model, trajs, pos, seed=0))
-capmod.capture_residuals(model, trajs, pos, out, batch_size=4, shard_size=3, progress=False)
+capmod.capture_residuals(model, trajs, pos, out, batch_size=2, shard_size=2, progress=False)
 '''
+
+
+def dp_capture(model, trajs, out):
+    """The script's capture, in this process."""
+    pos = find_positions(model, trajs, ["wait", "so", "therefore", "alternatively"])
+    pos = pos.concat(control_positions(model, trajs, pos, seed=0))
+    return capmod.capture_residuals(model, trajs, pos, out, batch_size=2, shard_size=2, progress=False)
 
 
 def _store_bytes(d):
@@ -424,9 +437,11 @@ def _store_bytes(d):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_equal_single_process_and_resume(tmp_path):
-    """torchrun --nproc-per-node 2 (gloo): the store is byte for byte the single-process store;
-    with rank 1 killed after its first shard, rerunning the same command finishes it, equal too."""
+@pytest.mark.usefixtures("one_thread")  # the single process's floats are the one-thread ranks'
+def test_torchrun_two_ranks_resume_to_the_single_process_store(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo) with rank 1 killed after its first shard, then the
+    same command rerun: the store both launches' ranks wrote is byte for byte the store one
+    process (this one) writes."""
     import subprocess
     import sys
 
@@ -434,21 +449,17 @@ def test_torchrun_two_ranks_equal_single_process_and_resume(tmp_path):
     from waitlens.hooks import load_model
 
     model = load_model("organism:post-large", device="cpu", dtype="float32")
-    trajs = sample(model, 16, seed=5, progress=False)
+    trajs = sample(model, 8, seed=5, progress=False)
     tf = tmp_path / "t.jsonl"
     save_trajectories(trajs, tf)
     script = tmp_path / "dp.py"
     script.write_text(_DP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def launch(n, out, kill_rank=-1):
-        args = [str(script), str(tf), str(out), str(kill_rank)]
-        if n == 1:
-            cmd, e = [sys.executable, *args], {**env, "RANK": "0", "WORLD_SIZE": "1"}
-        else:
-            cmd, e = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                      *args], env
-        proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    def launch(out, kill_rank=-1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(tf), str(out), str(kill_rank)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
             _, err = proc.communicate(timeout=300)
@@ -457,18 +468,14 @@ def test_torchrun_two_ranks_equal_single_process_and_resume(tmp_path):
             raise
         return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
 
-    single = launch(1, tmp_path / "single")
-    assert single.returncode == 0, single.stderr[-2000:]
-    n_shards = len(json.loads((tmp_path / "single" / "manifest.json").read_text())["shards"])
-    assert n_shards >= 4  # both ranks get more than one shard
-    two = launch(2, tmp_path / "two")
-    assert two.returncode == 0, two.stderr[-2000:]
+    single = dp_capture(model, load_trajectories(tf), tmp_path / "single")  # what the ranks read
+    assert len(single.manifest["shards"]) >= 4  # both ranks get more than one shard
     want = _store_bytes(tmp_path / "single")
-    assert _store_bytes(tmp_path / "two") == want
-    killed = launch(2, tmp_path / "resumed", kill_rank=1)
+    killed = launch(tmp_path / "resumed", kill_rank=1)
     assert killed.returncode != 0
     m = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert not m["complete"] and (tmp_path / "resumed" / "shard-00001.safetensors").exists()
-    again = launch(2, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "shard-00003.safetensors").exists()  # rank 1's second shard: resumed
+    again = launch(tmp_path / "resumed")
     assert again.returncode == 0, again.stderr[-2000:]
     assert _store_bytes(tmp_path / "resumed") == want

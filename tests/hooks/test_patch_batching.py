@@ -113,10 +113,11 @@ def assert_same_ablations(ref, got):
 
 
 def smollm2_trajs():
+    """Three lengths (~20-40 reasoning tokens: the batches are padded), one "Wait" each."""
     base = ("Let me add the numbers step by step. 17 plus 25 is 42. Wait, let me check that again: "
-            "17 plus 25, seven plus five is twelve, carry the one, so 42. Hmm, then 42 minus 9 is 33. ")
+            "17 plus 25, seven plus five is twelve, carry the one, so 42. Hmm, then 42 minus 9 is 33.")
     return [Trajectory(id=f"s{i}", problem_id=f"p{i}", prompt="What is 17 + 25 - 9?",
-                       reasoning=(base * (i + 1)).strip()[: 120 + 90 * i], answer="33", gold="33",
+                       reasoning=base[: 75 + 45 * i].strip(), answer="33", gold="33",
                        correct=bool(i % 2)) for i in range(3)]
 
 
@@ -131,7 +132,7 @@ def test_batched_patch_and_ablations_equal_one_at_a_time_smollm2(smollm2):
             p.add_(0.05 * p.std() * torch.randn(p.shape, generator=g))
     source = dataclasses.replace(smollm2, hf=tuned, spec="smollm2-perturbed")
     trajs = smollm2_trajs()
-    run = lambda **kw: quiet(patch, source, smollm2, trajs, layers="0,14,29", window="-1:1",  # noqa: E731
+    run = lambda **kw: quiet(patch, source, smollm2, trajs, layers="0,14,29", window="0:1",  # noqa: E731
                              metrics=["forced_answer", "next_token_kl", "recheck"], **kw)
     ref = run(max_batch_tokens=None)
     assert ref.info["n_cases"] == 3 and ref.info["cost"]["branch_rows"] > 0
@@ -147,34 +148,38 @@ def test_batched_patch_and_ablations_equal_one_at_a_time_smollm2(smollm2):
 
 
 @pytest.mark.slow
-def test_torchrun_patch_two_ranks_equal_single_process(tmp_path):
+def test_torchrun_patch_two_ranks_equal_single_process(tmp_path, capsys):
     """`torchrun --nproc-per-node 2 -m waitlens.experiments.cli patch` (gloo): rank 0 writes the
-    rows and tables the single process writes, byte for byte; only rank 0 prints the summary."""
+    rows and tables the single process (the same CLI in this process, one thread) writes, byte
+    for byte; only rank 0 prints the summary."""
+    import json
     import subprocess
     import sys
 
+    from waitlens.experiments.cli import main
     from waitlens.experiments.organism.sample import sample
+    from waitlens.hooks.batching import length_batches
+    from waitlens.hooks.patch_cases import prepare_cases
     from waitlens.traces import save_trajectories
 
     sft = load_model("organism:sft-1k", device="cpu")
-    ts = [t for t in sample(sft, 60, seed=2, progress=False) if " wait " in f" {t.reasoning} "][:12]
+    ts = [t for t in sample(sft, 40, seed=2, progress=False) if " wait " in f" {t.reasoning} "][:8]
     tf = tmp_path / "t.jsonl"
     save_trajectories(ts, tf)
+    cli = ["patch", "--source", "organism:post-large", "--target", "organism:sft-1k", "--trajectories", str(tf),
+           "--attribution", "--n-boot", "50", "--quiet", "--batch-tokens", "200"]
+    cases, _ = prepare_cases(load_model("organism:post-large", device="cpu"), sft, ts)
+    assert len(list(length_batches([len(c.target_ids) for c in cases], 64, 200))) >= 2  # both ranks get some
+
+    assert main([*cli, "--out", str(tmp_path / "one")]) == 0
+    one = capsys.readouterr().out
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cli = ["-m", "waitlens.experiments.cli", "patch", "--source", "organism:post-large", "--target",
-           "organism:sft-1k", "--trajectories", str(tf), "--attribution", "--n-boot", "50", "--quiet",
-           "--batch-tokens", "1024"]  # several length groups: both ranks get some
-
-    def launch(n, out):
-        pre = [] if n == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
-        proc = subprocess.run([sys.executable, *pre, *cli, "--out", str(out)], env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout
-
-    one, two = launch(1, tmp_path / "one"), launch(2, tmp_path / "two")
-    assert two.count("wrote ") == one.count("wrote ") == 1  # rank 0 alone prints
-    m = __import__("json").loads((tmp_path / "two" / "patch_manifest.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "waitlens.experiments.cli", *cli, "--out", str(tmp_path / "two")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == one.count("wrote ") == 1  # rank 0 alone prints
+    m = json.loads((tmp_path / "two" / "patch_manifest.json").read_text())
     assert m["info"]["world_size"] == 2
     with gzip.open(tmp_path / "one" / "patch_rows.csv.gz") as a, gzip.open(tmp_path / "two" / "patch_rows.csv.gz") as b:
         assert a.read() == b.read()
