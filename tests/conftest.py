@@ -59,9 +59,10 @@ def tiny_model(tiny_qwen_dir):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M-Instruct (fp32), loaded once per test process. The first load converts the
-    GGUF (~35 s) into the cache (hooks.models.cache_dir); under pytest-xdist the workers take a
-    file lock first, so one converts and the others load its result."""
+    """SmolLM2-135M-Instruct (fp32), loaded once per test process. The first load on a machine
+    converts the GGUF (~50 s) into the cache (hooks.models.cache_dir, keyed by the file's content:
+    a fresh clone reuses it); under pytest-xdist the workers take a file lock first, so one
+    converts and the others load its result."""
     from filelock import FileLock
 
     from waitlens.hooks import load_model
