@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 
 from waitlens import hooks
@@ -91,3 +92,19 @@ def test_summarize_sampled_rates_per_cell():
     rate = {c: r for c, r in zip(s["control"], s["rate"], strict=True)}
     assert rate == {"clean": 0.5, "none": 1.0, "random": 0.0}
     assert (s["n"] == 2).all()
+
+
+def test_shared_prefix_prefill_gives_the_same_tokens_as_the_full_prefill(sft, post, slip_trajs, monkeypatch):
+    """The prefix before the first patched position runs once and its cache is repeated per row;
+    every continuation (clean, patched, random) must equal the full per-row prefill's."""
+    import functools
+
+    from waitlens.hooks import sampled
+
+    shared = sampled_corrections(post, sft, slip_trajs, rel_positions=(-2, -1, 0))
+    monkeypatch.setattr(sampled, "_greedy_batch", functools.partial(sampled._greedy_batch, share_prefix=False))
+    full = sampled_corrections(post, sft, slip_trajs, rel_positions=(-2, -1, 0))
+    pd.testing.assert_frame_equal(shared, full)
+    clean = full[full["control"] == "clean"].set_index(["trajectory_id", "wait_word"])["continuation"]
+    merged = full.join(clean.rename("clean_text"), on=["trajectory_id", "wait_word"])
+    assert (merged["continuation"] != merged["clean_text"]).any(), "some patch must change a continuation"
