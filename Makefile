@@ -47,8 +47,9 @@ $(VSTAMP): pyproject.toml
 test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests/hooks/test_vllm.py
 
+# the suite without the tests marked slow (SmolLM2, torchrun, training), workers as in make test
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile)
 
 # re-pin requirements.lock from the working venv (after changing dependencies in pyproject.toml)
 lock: $(STAMP)
