@@ -1,8 +1,10 @@
 """Transfer of correctness probes between models that read the same trajectories.
 
 A probe trained on model A's states is evaluated on model B's states at the same positions:
-rows are matched on (trajectory_id, token_index), so A and B must have captured the same
-trajectory text with the same tokenizer (same architecture, same d_model). Transfer is
+rows are matched on (trajectory_id, rel_index), the token's index within the reasoning (on
+token_index where a store's metadata lacks rel_index), so A and B must have captured the same
+trajectory text with the same tokenizer (same architecture, same d_model); their chat templates
+may differ (the same reasoning after a different prompt). Transfer is
 cross-validated with A's problem folds: B's positions of a problem are scored by the probe
 A learned on the *other* folds, so a problem's label never reaches its own test rows through
 A's training set (A and B share the trajectories and their labels). The diagonal (A -> A) is
@@ -100,21 +102,28 @@ def transfer_matrix(
                                               n_boot=n_boot, seed=seed, allow_mixed=True)
                              for d in datas]
     probes = dict(zip(names, probe_results, strict=True))
+    col = "rel_index" if all("rel_index" in d.metadata and d.metadata["rel_index"].notna().all()
+                             for d in datas) else "token_index"
     rows = []
     for a, (name_a, da) in enumerate(zip(names, datas, strict=True)):
         res = probe_results[a]
         if word not in res.fold_coef:
             raise ValueError(f"probe result for {name_a} has no word {word!r}; it has {list(res.fold_coef)}")
         coef, icpt, fold_of = res.fold_coef[word], res.fold_intercept[word], res.folds[word]
-        # A's positions that were probed (graded word rows), as keys
-        keys_a = set(zip(res.oof["trajectory_id"], res.oof["token_index"], strict=True))
+        # A's positions that were probed at `word` (graded rows), as (trajectory_id, col) keys
+        ma = da.metadata
+        tid_a = ma["trajectory_id"].astype(str)
+        key_of = dict(zip(zip(tid_a, ma["token_index"].astype(int), strict=True),
+                          zip(tid_a, ma[col].astype(int), strict=True), strict=True))
+        oof = res.oof[res.oof["word"] == word] if "word" in res.oof else res.oof
+        keys_a = {key_of[(str(t), int(i))] for t, i in zip(oof["trajectory_id"], oof["token_index"], strict=True)}
         for name_b, db in zip(names, datas, strict=True):
             mb = db.metadata
-            key_b = list(zip(mb["trajectory_id"].astype(str), mb["token_index"], strict=True))
+            key_b = list(zip(mb["trajectory_id"].astype(str), mb[col].astype(int), strict=True))
             graded = mb["correct"].notna().to_numpy()
             hit = np.array([k in keys_a for k in key_b]) & graded
             if not hit.any():
-                raise ValueError(f"no positions of {name_b} match {name_a}'s on (trajectory_id, token_index); "
+                raise ValueError(f"no positions of {name_b} match {name_a}'s on (trajectory_id, {col}); "
                                  "transfer needs both models' states captured on the same trajectories")
             r = np.flatnonzero(hit)
             y = mb["correct"].to_numpy()[r].astype(bool)

@@ -173,6 +173,19 @@ def test_transfer_between_copies_of_one_store_is_the_self_probe(planted, planted
     assert np.allclose(same["cosine"], 1.0)
 
 
+def test_transfer_matches_on_the_reasoning_index_across_templates(planted, planted_result):
+    """B renders the same reasoning after a 7-token-longer prompt: rows match on rel_index, so
+    transfer is the self-probe (token_index alone would match other tokens, or none)."""
+    X, meta = planted
+    shifted = meta.assign(token_index=meta["token_index"] + 7, span_start=meta["span_start"] + 7,
+                          span_end=meta["span_end"] + 7)
+    t = transfer_matrix([(X, meta), (X, shifted)], names=["a", "b"], **FAST).table
+    self_auc = planted_result.table.set_index("layer")["auroc"]
+    for _, g in t.groupby(["train_model", "test_model"]):
+        np.testing.assert_allclose(g.set_index("layer")["auroc"], self_auc, atol=1e-9)
+    assert set(zip(t["train_model"], t["test_model"])) == {("a", "a"), ("a", "b"), ("b", "a"), ("b", "b")}
+
+
 def test_transfer_refuses_unmatched_positions_and_different_widths(planted):
     X, meta = planted
     other = meta.assign(trajectory_id=meta["trajectory_id"] + "-x")
