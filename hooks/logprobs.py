@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from waitlens.hooks.batching import MAX_BATCH_TOKENS, check_padding, length_batches, pad_batch
@@ -100,10 +100,46 @@ def _score(model, inputs: list[list[int]], rows: list[range], targets: list[list
     flat = torch.cat([batch.flat_index(b, r) for b, r in enumerate(rows)]).to(model.device)
     hidden = model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                  position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    lp = row_logprobs(model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat))
-    tgt = torch.tensor([t for ts in targets for t in ts], device=lp.device)
-    vals = lp.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+    sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+    tgt = torch.tensor([t for ts in targets for t in ts], device=sel.device)
+    vals = target_logprobs(model, sel, tgt).double().cpu().numpy()
     return np.split(vals, np.cumsum([len(r) for r in rows])[:-1])
+
+
+HEAD_CHUNK = 1 << 23  # logits per LM-head chunk in `target_logprobs` (32 MB of float32)
+
+
+def target_logprobs(model: LoadedModel, hidden: Float[Tensor, "n d_model"],
+                    targets: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """`row_logprobs(model, hidden)[i, targets[i]]` for every row i, a few rows at a time, so the
+    [n, vocab] matrix is never built (8192 rows of a 151k vocabulary: 5 GB, twice). A float32
+    nn.Linear head without logit softcapping writes each chunk into two buffers reused across
+    chunks (no fresh pages per chunk); any other head goes through `row_logprobs` chunk by chunk."""
+    head = model.hf.get_output_embeddings()
+    n = len(targets)
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return out
+    plain = (type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype == torch.float32
+             and not getattr(model.config, "final_logit_softcapping", None))
+    vocab = head.weight.shape[0] if plain else int(getattr(model.config, "vocab_size", 0) or 1)
+    step = max(1, min(n, HEAD_CHUNK // vocab))
+    if plain:
+        logits = hidden.new_empty((step, vocab))
+        lp = hidden.new_empty((step, vocab))
+    for s in range(0, n, step):
+        h, t = hidden[s:s + step], targets[s:s + step, None]
+        if plain:
+            m = len(h)
+            if head.bias is None:
+                torch.mm(h, head.weight.t(), out=logits[:m])
+            else:
+                torch.addmm(head.bias, h, head.weight.t(), out=logits[:m])
+            torch.log_softmax(logits[:m], -1, out=lp[:m])
+            out[s:s + m] = lp[:m].gather(1, t)[:, 0]
+        else:
+            out[s:s + step] = row_logprobs(model, h).gather(1, t)[:, 0]
+    return out
 
 
 def row_logprobs(model: LoadedModel, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:

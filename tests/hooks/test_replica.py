@@ -159,6 +159,27 @@ def test_replica_agrees_with_transformerlens(pair, real_trace, tmp_path):
 
 
 @pytest.mark.slow
+def test_target_logprobs_equal_the_full_head(pair, real_trace, monkeypatch):
+    """The LM head read a few rows at a time (151k vocabulary: several chunks, a short last one)
+    equals row_logprobs on all rows, on both paths (reused buffers; any other head)."""
+    import waitlens.hooks.logprobs as L
+
+    _, r1, _ = pair
+    ids = r1.tokenize(real_trace)[None]
+    with torch.inference_mode():
+        hidden = r1.hf.base_model(input_ids=ids).last_hidden_state[0]
+        tgt = ids[0, 1:]
+        full = L.row_logprobs(r1, hidden[:-1]).gather(1, tgt[:, None])[:, 0]
+        n, vocab = len(tgt), r1.hf.get_output_embeddings().weight.shape[0]
+        assert n % (L.HEAD_CHUNK // vocab) and n > 2 * (L.HEAD_CHUNK // vocab)
+        fast = L.target_logprobs(r1, hidden[:-1], tgt)
+        monkeypatch.setattr(L.torch.nn, "Linear", type("NotLinear", (), {}))  # forces the generic path
+        generic = L.target_logprobs(r1, hidden[:-1], tgt)
+    assert fast.shape == generic.shape == (n,)
+    assert (fast - full).abs().max().item() <= 1e-5 and (generic - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
 def test_replica_directory_loads_with_provenance(pair):
     from waitlens.hooks.replica import replica_info
 
@@ -269,6 +290,32 @@ def test_dry_run_of_the_gpu_config_runs_end_to_end(tmp_path):
     assert "These models are replicas" in (run / "report" / "report.md").read_text()
 
 
+# Records of the R1 GSM8K file for the replica study test (the shipped config reads the first 30):
+# patching takes the first trajectory with a wait, #29 (short, one wait) instead of #8 (6,613
+# characters, 11 waits); waits in correct (#29, #13, #27) and incorrect (#21, #19) problems for
+# the wait probe's folds; #0-#7 are short, 3 of them incorrect.
+REPLICA_RECORDS = [29, 21, 0, 1, 2, 3, 4, 5, 6, 7, 13, 27, 19]
+
+
+def _small_replica_config(tmp_path: Path) -> Path:
+    """The shipped s1-vs-r1-replica.toml (same models, stages and settings) on REPLICA_RECORDS,
+    with fewer bootstrap draws: the same study at about a third of the work."""
+    from waitlens.experiments.config import CONFIG_DIR
+
+    lines = R1_TRACES.read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "r1_small.jsonl").write_text("".join(lines[i] for i in REPLICA_RECORDS), encoding="utf-8")
+    text = (CONFIG_DIR / "s1-vs-r1-replica.toml").read_text(encoding="utf-8")
+    for old, new in (('path = "../shared/realdata/traces/r1distill_qwen1.5b_gsm8k500.jsonl"',
+                      f'path = "{tmp_path / "r1_small.jsonl"}"'),
+                     ("limit = 30 ", "limit = 0 "),
+                     ("[capture]", "[tokens]\nn_boot = 100\n\n[probes]\nn_boot = 100\n\n[capture]")):
+        assert text.count(old) == 1, old  # the shipped config still reads as this test expects
+        text = text.replace(old, new)
+    cfg = tmp_path / "s1-vs-r1-replica.toml"
+    cfg.write_text(text, encoding="utf-8")
+    return cfg
+
+
 @pytest.mark.slow
 def test_replica_study_runs_every_stage_on_real_traces(tmp_path):
     """#13 item 1: the replica pair on real R1 traces — every stage done (none skipped), patching
@@ -278,7 +325,7 @@ def test_replica_study_runs_every_stage_on_real_traces(tmp_path):
 
     from waitlens.experiments.cli import main
 
-    rc = main(["run", "s1-vs-r1-replica.toml", "--runs", str(tmp_path), "--quiet"])
+    rc = main(["run", str(_small_replica_config(tmp_path)), "--runs", str(tmp_path), "--quiet"])
     assert rc == 0
     run = tmp_path / "s1-vs-r1-replica"
     manifest = json.loads((run / "manifest.json").read_text())
