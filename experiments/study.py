@@ -349,7 +349,8 @@ def _fact_probes(ctx: RunContext, truth: dict, out: Path, summary: dict[str, Any
                 with warnings.catch_warnings():  # control positions carry no fact: only the shuffle runs
                     warnings.filterwarnings("ignore", message="no control positions")
                     res = fit_layer_probes(states, sub, words="wait", label=fact, n_folds=p.folds,
-                                           n_boot=p.n_boot, seed=ctx.cfg.seed, threads=1)
+                                           n_boot=p.n_boot, seed=ctx.cfg.seed, threads=1,
+                                           margins=False)  # the table below reads no margin
             except (InsufficientDataError, ValueError) as e:
                 ctx.log(f"probes: {store.model} {fact}: {e}")
                 continue

@@ -239,6 +239,7 @@ def fit_layer_probes(
     dtype=torch.float64,
     tol: float = 1e-7,
     label: str = "correct",
+    margins: bool = True,
 ) -> ProbeResult:
     """Cross-validated linear probes for eventual correctness at every layer.
 
@@ -251,24 +252,26 @@ def fit_layer_probes(
     label: the metadata column to predict (boolean; rows where it is missing are left out):
     ``"correct"`` by default, or any other per-position fact, e.g. the organism's
     ``after_slip`` (probe *what the states encode*, not only what they predict).
+    margins: False skips the margins' paired bootstraps (`res.margins` then holds NaN in the
+    margin and selectivity columns; `res.table` is unchanged).
     """
     word_groups = [words] if isinstance(words, str) else list(words)
     union = None if any(words_list(w) is None for w in word_groups) else sorted(
         {x for w in word_groups for x in words_list(w)})
     data = load_probe_data(store, metadata, words=union if union is not None else "all", layers=layers,
                            model=model, allow_mixed=allow_mixed, include_controls=controls)
-    tables, margins, oofs = [], [], []
+    tables, margin_tables, oofs = [], [], []
     res = ProbeResult(data.model, data.layers, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {}, {})
     with _torch_threads(threads):
         for w in word_groups:
             t, m, o = _probe_word(data, w, res, n_folds=n_folds, n_inner=n_inner, Cs=Cs,
                                   controls=controls, n_boot=n_boot, seed=seed, dtype=dtype, tol=tol,
-                                  n_shuffles=n_shuffles, label=label)
+                                  n_shuffles=n_shuffles, label=label, margins=margins)
             tables.append(t)
-            margins.append(m)
+            margin_tables.append(m)
             oofs.append(o)
     res.table = pd.concat(tables, ignore_index=True)[CSV_COLUMNS]
-    res.margins = pd.concat(margins, ignore_index=True)[MARGIN_COLUMNS]
+    res.margins = pd.concat(margin_tables, ignore_index=True)[MARGIN_COLUMNS]
     res.oof = pd.concat(oofs, ignore_index=True)
     return res
 
@@ -291,7 +294,7 @@ def _labels(meta: pd.DataFrame, label: str = "correct") -> tuple[np.ndarray, np.
 
 
 def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, controls, n_boot,
-                seed, dtype, tol, n_shuffles, label="correct"):
+                seed, dtype, tol, n_shuffles, label="correct", margins=True):
     meta = data.metadata
     wl = words_list(w)
     word = _word_label(w)
@@ -375,20 +378,23 @@ def _probe_word(data: ProbeData, w, res: ProbeResult, *, n_folds, n_inner, Cs, c
             row["control_shuffled_auroc"] = auroc(ys, ps)
             # selectivity with its CI against the first permutation (a paired bootstrap over the
             # pooled permutations costs n_shuffles times more for little gain)
-            mrow["selectivity"], mrow["selectivity_lo"], mrow["selectivity_hi"] = paired_auroc_difference(
-                y, p, groups, labels[1], fit.oof[1, :, li], groups, n_boot=n_boot, seed=seed)
+            if margins:
+                mrow["selectivity"], mrow["selectivity_lo"], mrow["selectivity_hi"] = paired_auroc_difference(
+                    y, p, groups, labels[1], fit.oof[1, :, li], groups, n_boot=n_boot, seed=seed)
             if ctl_fit is not None:
                 pc = ctl_fit.oof[0, :, li]
                 yc = y_all[ctl_rows]
                 gc = meta["problem_id"].astype(str).to_numpy()[ctl_rows]
                 row["control_random_auroc"] = auroc(yc, pc)
-                (mrow["margin_random"], mrow["margin_random_lo"],
-                 mrow["margin_random_hi"]) = paired_auroc_difference(y, p, groups, yc, pc, gc,
-                                                                     n_boot=n_boot, seed=seed)
-            pb = base_fit.oof[0, :, 0]
-            (mrow["margin_baseline"], mrow["margin_baseline_lo"],
-             mrow["margin_baseline_hi"]) = paired_auroc_difference(y, p, groups, y, pb, groups,
-                                                                   n_boot=n_boot, seed=seed)
+                if margins:
+                    (mrow["margin_random"], mrow["margin_random_lo"],
+                     mrow["margin_random_hi"]) = paired_auroc_difference(y, p, groups, yc, pc, gc,
+                                                                         n_boot=n_boot, seed=seed)
+            if margins:
+                pb = base_fit.oof[0, :, 0]
+                (mrow["margin_baseline"], mrow["margin_baseline_lo"],
+                 mrow["margin_baseline_hi"]) = paired_auroc_difference(y, p, groups, y, pb, groups,
+                                                                       n_boot=n_boot, seed=seed)
         trows.append(row)
         mrows.append(mrow)
 

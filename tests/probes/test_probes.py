@@ -319,3 +319,13 @@ def test_probe_for_another_label_column(planted):
     assert (abs(ctl["control_shuffled_auroc"] - 0.5) < 0.05).all()
     with pytest.raises(ValueError, match="no label column 'nope'"):
         fit_layer_probes(states, meta, label="nope", **FAST)
+
+
+def test_without_margins_the_table_is_the_same_and_the_margins_are_empty(planted, planted_result):
+    res = fit_layer_probes(*planted, margins=False, **FAST)
+    pd.testing.assert_frame_equal(res.table, planted_result.table)
+    pd.testing.assert_frame_equal(res.oof, planted_result.oof)
+    cols = [c for c in res.margins.columns if c.startswith(("margin", "selectivity"))]
+    assert res.margins[cols].isna().all().all()
+    assert planted_result.margins[cols].notna().all().all()
+    pd.testing.assert_frame_equal(res.margins.drop(columns=cols), planted_result.margins.drop(columns=cols))
