@@ -438,7 +438,7 @@ def _store_bytes(d):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")  # the single process's floats are the one-thread ranks'
-def test_torchrun_two_ranks_resume_to_the_single_process_store(tmp_path):
+def test_torchrun_two_ranks_equal_single_process_and_resume(tmp_path):
     """torchrun --nproc-per-node 2 (gloo) with rank 1 killed after its first shard, then the
     same command rerun: the store both launches' ranks wrote is byte for byte the store one
     process (this one) writes."""
