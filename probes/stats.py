@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy import special as _sp
 from scipy import stats as _st
 
 
@@ -101,5 +102,19 @@ def mann_whitney_auroc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
     if len(pos) == 0 or len(neg) == 0:
         return float("nan"), float("nan")
-    res = _st.mannwhitneyu(pos, neg, alternative="two-sided")
-    return float(res.statistic / (len(pos) * len(neg))), float(res.pvalue)
+    n1, n2 = len(pos), len(neg)
+    xy = np.concatenate([pos, neg])
+    t = np.unique(xy, return_counts=True)[1].astype(float) if np.isfinite(xy).all() else None
+    if t is None or (n1 <= 8 or n2 <= 8) and not (t > 1).any():  # NaN/inf, or scipy's exact p
+        res = _st.mannwhitneyu(pos, neg, alternative="two-sided")
+        return float(res.statistic / (n1 * n2)), float(res.pvalue)
+    # scipy's asymptotic two-sided p with tie and continuity corrections, step for step (its
+    # per-call checks cost ~1 ms; a token table calls this for every key); ranks sum exactly
+    U1 = _st.rankdata(xy)[:n1].sum() - n1 * (n1 + 1) / 2
+    U = max(U1, n1 * n2 - U1)
+    n = n1 + n2
+    sd = np.sqrt(n1 * n2 / 12 * ((n + 1) - np.sum(t**3 - t) / (n * (n - 1))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (U - n1 * n2 / 2 - 0.5) / sd
+    p = float(np.clip(_sp.ndtr(-z) * 2, 0, 1))
+    return float(U1 / (n1 * n2)), p

@@ -265,10 +265,11 @@ def compare_regimes(
         occ = occurrences[m]
         counts[m] = (occ[occ["key"].isin(common)].groupby(["key", "trajectory_id"]).size().unstack(fill_value=0)
                      .reindex(columns=frames[m]["trajectory_id"], fill_value=0))
+    aurocs = {m: tables[m].table.drop_duplicates("key").set_index("key")["auroc"].to_dict() for m in names}
     for key in sorted(common):
         row = {"key": key}
         for m in names:
-            row[f"auroc_{m}"] = float(tables[m].row(key)["auroc"])
+            row[f"auroc_{m}"] = float(aurocs[m][key])  # TokenTable.row(key)["auroc"], without a scan per key
         base = names[0]
         for m in names[1:]:
             vals, grp = [], []

@@ -39,3 +39,23 @@ def test_wilson_bh_and_auroc():
     assert np.isnan(q[2]) and q[0] == pytest.approx(0.03) and q[1] == pytest.approx(0.04)
     assert mann_whitney_auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0]))[0] == 1.0
     assert np.isnan(mann_whitney_auroc(np.array([1.0]), np.array([]))[0])
+
+
+def test_mann_whitney_auroc_is_scipys_to_the_bit():
+    """The inlined asymptotic p (ties, continuity) gives scipy's numbers exactly; small samples
+    without ties (scipy's exact p) and NaN go to scipy itself."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(0)
+    n_asym = 0
+    for i in range(400):
+        n1, n2 = rng.integers(1, 40, 2)
+        levels = [2, 5, 50, 10**6][i % 4]  # count-like ties .. almost no ties
+        pos, neg = rng.integers(0, levels, n1).astype(float), rng.integers(0, levels, n2).astype(float)
+        if i % 50 == 7:
+            pos[0] = np.nan
+        ref = mannwhitneyu(pos, neg, alternative="two-sided")
+        got = mann_whitney_auroc(pos, neg)
+        n_asym += n1 > 8 and n2 > 8
+        np.testing.assert_array_equal(got, (ref.statistic / (n1 * n2), ref.pvalue))
+    assert n_asym > 100
