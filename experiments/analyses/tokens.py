@@ -56,13 +56,13 @@ def count_occurrences(
     import numpy as np
 
     from waitlens.hooks.logprobs import token_key
-    from waitlens.traces.positions import COLUMNS, positions_in
+    from waitlens.traces.positions import COLUMNS, _rows_for, _typed
 
     lex = Lexicon.parse(lexicon)
     tok = getattr(model, "tokenizer", model)
     check_length = getattr(model, "check_length", None)
     keys: dict[int, str] = {}
-    rows, tables = [], []
+    rows, pos_rows = [], []
     it: Iterable = trajectories
     if progress:
         from tqdm import tqdm
@@ -72,14 +72,14 @@ def count_occurrences(
         rd = model.render(traj)
         if check_length is not None:
             check_length(rd.n_tokens, traj.id)
-        pos = positions_in(traj, rd, lex).table
-        tables.append(pos)
+        pos = _rows_for(traj, rd, lex, "first")  # positions_in's rows, typed once at the end
+        pos_rows += pos
         t0, t1 = rd.reasoning_tokens
         if t1 <= t0:
             continue
         n = t1 - t0
         in_word: set[int] = set()
-        for w, s, e in zip(pos["word"], pos["span_start"], pos["span_end"], strict=True):
+        for w, s, e in ((r["word"], r["span_start"], r["span_end"]) for r in pos):
             span = [i for i in range(s, e) if t0 <= i < t1]
             if not span:
                 continue
@@ -93,8 +93,7 @@ def count_occurrences(
             if tid not in keys:
                 keys[tid] = token_key(tok.decode([tid]))
             rows.append((traj.id, traj.problem_id, traj.correct, keys[tid], "token", i, 1, np.nan, (i - t0) / n))
-    tables = [t for t in tables if len(t)]
-    positions = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
+    positions = _typed(pd.DataFrame(pos_rows, columns=COLUMNS)) if pos_rows else pd.DataFrame(columns=COLUMNS)
     return pd.DataFrame(rows, columns=OCCURRENCE_COLUMNS), positions
 
 
