@@ -102,6 +102,10 @@ def _setup(r: _Report, manifest: dict) -> None:
     stages = manifest.get("stages", {})
     if stages:
         r.add("Wall time per stage: " + ", ".join(f"{k} {v.get('seconds', 0):.1f} s" for k, v in stages.items()) + ".", "")
+        cpu = {k: v["cpu_seconds"] for k, v in stages.items() if "cpu_seconds" in v}
+        if cpu:  # runs recorded before the manifest kept CPU time have none
+            r.add("CPU time per stage (the waitlens process): "
+                  + ", ".join(f"{k} {c:.1f} s" for k, c in cpu.items()) + ".", "")
     v = manifest.get("versions", {})
     if v:
         r.add("Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".", "")

@@ -66,6 +66,7 @@ def test_full_study_then_skip(study, clean_run):
         assert (run_dir / f).is_file(), f
     report = (run_dir / "report/report.md").read_text()
     assert "## Patching wait-position states between models" in report
+    assert "CPU time per stage (the waitlens process): trajectories " in report
     assert not list(run_dir.glob("*.partial")), "no half-written stage left behind"
 
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", ".lock")}
