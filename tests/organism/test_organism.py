@@ -511,27 +511,6 @@ def test_probe_at_wait_on_own_samples_finds_nothing_in_the_default_pair():
         assert rec.n_wrong_positions > 50 and abs(rec.control_shuffled_auroc - 0.5) < 0.08
 
 
-@pytest.mark.slow
-def test_retrain_at_a_fourth_seed_keeps_the_accuracy_ordering(tmp_path):
-    """A smoke retrain at seed 3 (never used for the shipped or documented organisms): sft-1k and a
-    shortened post-large (16,000 traces) fine-tuned from the shipped base on seed 3's streams keep
-    base < sft-1k < post-large in accuracy (300 held-out problems each). The base itself is not
-    retrained (450 steps alone take longer than this test may); where the seed puts the base's
-    arithmetic jump is what moves the SFT jump (experiments/organism/README.md, issue #18 table)."""
-    from dataclasses import replace
-
-    from waitlens.experiments.organism.sample import evaluate, load, sample
-    from waitlens.experiments.organism.train import TrainConfig, train_all
-
-    dirs = train_all(tmp_path, seed=3, config=replace(TrainConfig(), post_traces=16000), progress=False,
-                     log=lambda *_: None, regimes=("sft-1k", "post-large"),
-                     base_from=registry.resolve("base"))
-    acc = {r: evaluate(sample(load(str(dirs[r])), 300, progress=False))["accuracy"]["value"]
-           for r in ("base", "sft-1k", "post-large")}
-    assert acc["base"] < acc["sft-1k"] < acc["post-large"], acc
-    assert not (tmp_path / "base").exists()  # the shipped base is read, not copied or rewritten
-
-
 def test_paced_base_stops_at_its_held_out_slip_level(tmp_path):
     """The opt-in paced recipe: the base stops at the first check where its held-out slip rate is
     at the target (a target of 1.0 is met at once) and records that rate; an unknown regime is an
