@@ -106,10 +106,11 @@ DETECT = replace(PACED, traces=CHECKED_CORPUS, post_traces=96000, regimes=("sft-
 # the go-on recipe: a paced base pre-trained with hesitations ("wait", then the next step, after 3% of
 # correct steps), then the pair on checked traces whose writer says "wait" after a slipped borrow and
 # goes on without a re-check (60% of slips learned), sft-1k for 8 epochs (its 1,000 traces give "wait"
-# two continuations; at 3 epochs it stays malformed and no better than the base), 1,000 post-training steps
+# two continuations; at 3 epochs it stays malformed and no better than the base), 2,000 post-training
+# steps (at 1,000, seed 2's post-large had not begun to detect its slips)
 GO_ON = replace(PACED, base_check_every=20, base_corpus=replace(BASE_CORPUS, name="base-hesitant", hesitate_after_correct=0.03),
                 traces=replace(CHECKED_CORPUS, name="checked-go-on", blind_role="go-on", learn_slips=0.6),
-                sft_epochs=8, post_traces=64000, regimes=("sft-1k", "post-large"))
+                sft_epochs=8, post_traces=128000, regimes=("sft-1k", "post-large"))
 RECIPES = {"default": TrainConfig(), "paced": PACED, "detect": DETECT, "go-on": GO_ON}
 
 
