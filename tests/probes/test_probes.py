@@ -183,7 +183,7 @@ def test_transfer_matches_on_the_reasoning_index_across_templates(planted, plant
     self_auc = planted_result.table.set_index("layer")["auroc"]
     for _, g in t.groupby(["train_model", "test_model"]):
         np.testing.assert_allclose(g.set_index("layer")["auroc"], self_auc, atol=1e-9)
-    assert set(zip(t["train_model"], t["test_model"])) == {("a", "a"), ("a", "b"), ("b", "a"), ("b", "b")}
+    assert set(zip(t["train_model"], t["test_model"], strict=True)) == {("a", "a"), ("a", "b"), ("b", "a"), ("b", "b")}
 
 
 def test_transfer_refuses_unmatched_positions_and_different_widths(planted):
