@@ -148,11 +148,22 @@ def find_positions(
 def positions_in(trajectory: Trajectory, rendered: Rendered, lexicon: Lexicon | Sequence[str] | str | None = None,
                  *, anchor: str = "first") -> Positions:
     """`find_positions` for one trajectory already rendered (no second tokenization)."""
+    lex = Lexicon.parse(lexicon)
+    return Positions(positions_table(position_rows(trajectory, rendered, lex, anchor=anchor)), lex.words)
+
+
+def position_rows(trajectory: Trajectory, rendered: Rendered, lexicon: Lexicon | Sequence[str] | str | None = None,
+                  *, anchor: str = "first") -> list[dict]:
+    """`positions_in`'s rows (dicts keyed by `COLUMNS`), untyped: a caller that walks many
+    rendered trajectories collects them and builds one table with `positions_table`."""
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
-    lex = Lexicon.parse(lexicon)
-    table = pd.DataFrame(_rows_for(trajectory, rendered, lex, anchor), columns=COLUMNS)
-    return Positions(_typed(table), lex.words)
+    return _rows_for(trajectory, rendered, Lexicon.parse(lexicon), anchor)
+
+
+def positions_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """A positions table (`COLUMNS`, typed as `find_positions` types it) from `position_rows`' rows."""
+    return _typed(pd.DataFrame(list(rows), columns=COLUMNS))
 
 
 def _rows_for(traj: Trajectory, rd: Rendered, lex: Lexicon, anchor: str, unk_id: int | None = None,

@@ -56,7 +56,7 @@ def count_occurrences(
     import numpy as np
 
     from waitlens.hooks.logprobs import token_key
-    from waitlens.traces.positions import COLUMNS, _rows_for, _typed
+    from waitlens.traces.positions import COLUMNS, position_rows, positions_table
 
     lex = Lexicon.parse(lexicon)
     tok = getattr(model, "tokenizer", model)
@@ -72,7 +72,7 @@ def count_occurrences(
         rd = model.render(traj)
         if check_length is not None:
             check_length(rd.n_tokens, traj.id)
-        pos = _rows_for(traj, rd, lex, "first")  # positions_in's rows, typed once at the end
+        pos = position_rows(traj, rd, lex)  # positions_in's rows, typed once at the end
         pos_rows += pos
         t0, t1 = rd.reasoning_tokens
         if t1 <= t0:
@@ -93,7 +93,7 @@ def count_occurrences(
             if tid not in keys:
                 keys[tid] = token_key(tok.decode([tid]))
             rows.append((traj.id, traj.problem_id, traj.correct, keys[tid], "token", i, 1, np.nan, (i - t0) / n))
-    positions = _typed(pd.DataFrame(pos_rows, columns=COLUMNS)) if pos_rows else pd.DataFrame(columns=COLUMNS)
+    positions = positions_table(pos_rows) if pos_rows else pd.DataFrame(columns=COLUMNS)
     return pd.DataFrame(rows, columns=OCCURRENCE_COLUMNS), positions
 
 
