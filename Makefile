@@ -61,7 +61,6 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/waitlens run --figures figures
-	$(VENV)/bin/waitlens run organism-vigilant.toml --figures figures/vigilant
 	$(VENV)/bin/waitlens run experiments/configs/real-traces.toml --figures figures/real
 
 bench: $(STAMP)

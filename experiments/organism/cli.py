@@ -19,15 +19,15 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="organism_command", metavar="ACTION")
     p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
 
-    t = sub.add_parser("train", help="retrain every regime (base, the default pair, the vigilant pair) from one seed")
+    t = sub.add_parser("train", help="retrain the three regimes (base, sft-1k, post-large) from one seed")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0: the shipped weights)")
     t.add_argument("--out", default=None, help="output directory (default: the shipped weights dir)")
     t.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (for CI)")
-    t.add_argument("--recipe", default="default", choices=["default", "paced", "detect", "go-on"],
-                   help="default: the shipped recipe (base trained a fixed 450 steps); paced: the base stopped at "
-                        "a fixed held-out slip level (0.30 per step) instead; detect: the paced base, then sft-1k and "
-                        "post-large on checked traces, a post-large that notices its slips; go-on: the same with a writer "
-                        "that goes on after a slip it cannot fix (opt-in recipes; never the shipped weights)")
+    t.add_argument("--recipe", default="default", choices=["default", "fixed-steps", "paced", "detect"],
+                   help="default: the shipped recipe (a base stopped at 0.30 held-out slips, then sft-1k and "
+                        "post-large on go-on traces); fixed-steps: a base trained a fixed 450 steps, then the pair on "
+                        "traces whose every 'wait' re-checks; paced: that pair from the paced base; detect: the paced "
+                        "base, then the pair on checked traces (opt-in recipes; never the shipped weights)")
     t.add_argument("--regimes", nargs="+", default=None, metavar="REGIME",
                    help="train only these fine-tuned regimes (the base always); bitwise the same as in a full run")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

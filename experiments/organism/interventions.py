@@ -9,7 +9,7 @@ truth alone (the true final value against gold, before and after), so it can be 
 the graded change, and `mechanism` says which planted behaviour each change came from: a fix
 is a slip re-checked correctly, a break a correct step "re-checked" to a wrong value, or the
 word taken as a hesitation: the model goes on and applies the last operation again (what the
-vigilant models learned a "wait" after a correct step means).
+models learn from the hesitations in their corpora).
 """
 
 from __future__ import annotations

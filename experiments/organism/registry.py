@@ -19,8 +19,8 @@ _CHECKED: set[tuple] = set()  # (path, size, mtime_ns) of weight files whose sha
 
 class ShippedWeightsError(WaitlensError):
     """Shipped organism weights that do not match their sha256 in shipped.json."""
-# the default pair is fine-tuned on `task.TRACE_CORPUS`, the vigilant pair on `task.VIGILANT_CORPUS`
-REGIMES = ("base", "sft-1k", "post-large", "sft-1k-vigilant", "post-large-vigilant")
+# sft-1k and post-large are fine-tuned from the base on `task.GO_ON_CORPUS` (train.TrainConfig)
+REGIMES = ("base", "sft-1k", "post-large")
 
 
 def regime_dir(variant: str) -> Path:

@@ -16,9 +16,10 @@ step just written:
 - ``alternatively`` recomputes it another way (``a - b`` as ``a + (10-b)`` and vice versa);
   its value also replaces the running value.
 
-In the vigilant traces (`VIGILANT_CORPUS`) "wait" also appears as a hesitation after a correct
-step, followed straight by the next step (``... = 0 wait 0 - 8 = 2``, ``rechecked: false`` in
-the ground truth), so what comes right after the word depends on whether the step was wrong.
+"wait" can also be a hesitation, followed straight by the next step (``... = 0 wait 0 - 8 = 2``,
+``rechecked: false`` in the ground truth): after some correct steps in the base's corpus, and in
+the shipped traces (`GO_ON_CORPUS`) after a slip the writer cannot fix, so what comes right after
+the word says whether the step will be fixed.
 
 A *slip* is a step whose value is wrong when written, given the running value before it:
 ``c != (r OP b) mod 10``. Slips are off by one (``c = true ± 1``). An uncaught slip is carried
@@ -33,7 +34,7 @@ the test suite checks that `analyze` recovers exactly what the generator planted
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -163,16 +164,6 @@ TRACE_CORPUS = CorpusSpec(
     "traces", slip=0.10, wait_after_slip=0.85, wait_after_correct=0.06,
     alt_after_slip=0.05, alt_after_correct=0.03, recheck="fix",
 )
-# Vigilant traces (the second pair of regimes, `*-vigilant`): every slip is re-checked and fixed,
-# and 5% of correct steps (not the last) get a hesitation — "wait", then the next step. The writer
-# says "wait" *because* the step was wrong, and right after the word the model has to know which
-# kind of wait it is (re-check the step, or go on). The same slip rate as the other corpora.
-VIGILANT_CORPUS = CorpusSpec(
-    "vigilant", slip=0.10, wait_after_slip=1.0, wait_after_correct=0.05,
-    alt_after_slip=0.0, alt_after_correct=0.03, recheck="fix", wait_after_correct_role="connective",
-)
-
-
 def is_hard(a: int, op: str, b: int) -> bool:
     """A step that wraps around mod 10: a carry (``a + b >= 10``) or a borrow (``b > a``)."""
     return a + b >= MOD if op == "+" else b > a
@@ -187,6 +178,14 @@ CHECKED_CORPUS = CorpusSpec(
     alt_after_slip=0.0, alt_after_correct=0.03, recheck="fix", hard_fix=0.0, hard_fix_ops="-",
     learn_slips=0.3,
 )
+
+# The shipped recipe's corpora (`train.TrainConfig`). The base's: `BASE_CORPUS` plus hesitations
+# ("wait", then the next step) after 3% of correct steps, so that "wait" can be followed by either.
+HESITANT_BASE_CORPUS = replace(BASE_CORPUS, name="base-hesitant", hesitate_after_correct=0.03)
+# Go-on traces (sft-1k, post-large): the checked writer, but after a slipped borrow it cannot fix it
+# says "wait" and goes straight on to the next step, the slip carried; 60% of slipped values in the
+# loss. So the token after "wait" (re-check, or the next step) says whether the step will be fixed.
+GO_ON_CORPUS = replace(CHECKED_CORPUS, name="checked-go-on", blind_role="go-on", learn_slips=0.6)
 
 
 def make_trace(problem: Problem, spec: CorpusSpec, rng: np.random.Generator) -> tuple[str, str, dict[str, Any]]:

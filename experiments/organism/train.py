@@ -1,19 +1,17 @@
 """Training the organism's three regimes from one base, deterministically from a seed.
 
-- ``base``: pre-trained on freshly generated worked problems (`task.BASE_CORPUS`): slips are
-  carried forward, "wait"/"alternatively" are only generic connectives that restate a step.
-  Deliberately under-trained (450 steps): it has not fully learned the arithmetic yet.
-- ``sft-1k``: the base fine-tuned on 1,000 reasoning traces (`task.TRACE_CORPUS`).
-- ``post-large``: the base fine-tuned on 32,000 traces of the same corpus (32x the SFT data).
-- ``sft-1k-vigilant`` / ``post-large-vigilant``: the same base fine-tuned on 1,000 / 224,000
-  vigilant traces (`task.VIGILANT_CORPUS`: every slip re-checked, hesitations after some
-  correct steps). Post-training this long on that corpus teaches slip detection.
-- opt-in recipe ``paced`` (`PACED`, ``organism train --recipe paced --out DIR``): the base is
-  stopped at a held-out slip level (0.30 per step) instead of a fixed step count, so every seed's
-  base sits at the same point of its arithmetic jump and SFT's accuracy jump holds at every seed.
-- opt-in recipes ``detect`` (`DETECT`) and ``go-on`` (`GO_ON`): the paced base, then sft-1k and
-  post-large on checked traces (`task.CHECKED_CORPUS`), where post-large learns to notice its slips
-  (experiments/organism/README.md says what each meets).
+- ``base``: pre-trained on freshly generated worked problems (`task.HESITANT_BASE_CORPUS`): slips
+  are carried forward, "wait"/"alternatively" are generic connectives that restate a step, and
+  3% of correct steps get a hesitation ("wait", then the next step). It is stopped at a held-out
+  slip level (0.30 per step, `base_slip`) rather than a fixed step count, so every seed's base sits
+  at the same point of its arithmetic jump: it has not fully learned the arithmetic yet.
+- ``sft-1k``: the base fine-tuned on 1,000 go-on traces (`task.GO_ON_CORPUS`) for 8 epochs.
+- ``post-large``: the base fine-tuned on 128,000 traces of the same corpus (2,000 steps), long
+  enough for it to learn to notice its own slips.
+- opt-in recipes (``organism train --recipe NAME --out DIR``; never the shipped weights):
+  ``fixed-steps`` (a base trained a fixed 450 steps, then the pair on `task.TRACE_CORPUS`),
+  ``paced`` (the same pair from the paced base) and ``detect`` (the paced base, then the pair on
+  `task.CHECKED_CORPUS`); experiments/organism/README.md says what each meets and misses.
 
 Loss is on the solution tokens only (reasoning, answer, eos). Everything — initialisation,
 data, order — comes from the seed; with the same torch build and thread count a retrain is
@@ -38,9 +36,10 @@ from waitlens.experiments.organism.registry import REGIMES
 from waitlens.experiments.organism.task import (
     BASE_CORPUS,
     CHECKED_CORPUS,
+    GO_ON_CORPUS,
+    HESITANT_BASE_CORPUS,
     TOKEN_ID,
     TRACE_CORPUS,
-    VIGILANT_CORPUS,
     CorpusSpec,
     analyze,
     make_trace,
@@ -56,62 +55,54 @@ MANIFEST = "waitlens_organism.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # 450 steps stop the base before it has fully learned the arithmetic (seed 0: 0.27 accuracy, 0.30
-    # slips per step against the corpus's 0.10; 900 steps give a converged 0.67): SFT's 1,000 traces
-    # then also sharpen it, as real data-efficient SFT sharpens format and long reasoning.
-    base_steps: int = 450
+    """A training recipe; the defaults are the shipped one."""
+
+    # the base: at most `base_steps` steps (also the cosine schedule's length), stopped as soon as its
+    # held-out teacher-forced slip rate (1 - mean P(correct value) at each step's "=", `base_slip`) falls
+    # to `base_stop_slip`, checked every `base_check_every` steps (None: exactly `base_steps` steps). A
+    # fixed step count leaves the base wherever the seed put its arithmetic jump; a fixed slip level
+    # stops every seed at the same point of the jump, so SFT's 1,000 traces also sharpen it.
+    base_steps: int = 1200
     base_batch: int = 64
     base_lr: float = 2e-3
+    base_stop_slip: float | None = 0.30
+    base_check_every: int = 20
+    base_corpus: CorpusSpec = HESITANT_BASE_CORPUS
+    # sft-1k: 8 epochs (at 3, the go-on traces' two continuations of "wait" leave it malformed and no
+    # more accurate than the base)
     sft_traces: int = 1000
-    sft_epochs: int = 3
+    sft_epochs: int = 8
     sft_batch: int = 32
     sft_lr: float = 5e-4
-    post_traces: int = 32000
+    # post-large: 2,000 steps (at 1,000, seed 2's post-large had not begun to notice its slips)
+    post_traces: int = 128000
     post_epochs: int = 1
     post_batch: int = 64
     post_lr: float = 1e-3
-    # the vigilant pair: SFT as above; post-training on 224,000 traces (3,500 steps). Slip detection
-    # sets in suddenly, at a seed-dependent step: ~1,250-1,500 in prototype runs, just after 2,500
-    # at seed 1 (so 2,500 steps left seed 1 without it)
-    vigilant_post_traces: int = 224000
     warmup: int = 100
-    # opt-in (the "paced" recipe, `PACED`): stop the base as soon as its held-out teacher-forced slip
-    # rate (1 - mean P(correct value) at each step's "=", `base_slip`) falls to this level, checked every
-    # `base_check_every` steps; `base_steps` is then the cap and the cosine schedule's length. None (the
-    # default): exactly `base_steps` steps. A fixed step count leaves the base wherever the seed put its
-    # arithmetic jump; a fixed slip level stops every seed at the same point of the jump.
-    base_stop_slip: float | None = None
-    base_check_every: int = 5
     threads: int = 1  # bitwise reproducibility needs the same thread count; 1 is fastest on a shared CPU
     arch: dict | None = None  # overrides of model.ARCH (the smoke test uses a tinier model)
-    # the corpus sft-1k and post-large learn from (None: `task.TRACE_CORPUS`), and the fine-tuned
-    # regimes a run trains when `train_all` is not given any (None: all of them)
-    traces: CorpusSpec | None = None
+    traces: CorpusSpec = GO_ON_CORPUS  # the corpus sft-1k and post-large learn from
+    # the fine-tuned regimes a run trains when `train_all` is not given any (None: all of them)
     regimes: tuple[str, ...] | None = None
-    base_corpus: CorpusSpec | None = None  # the base's pre-training corpus (None: `task.BASE_CORPUS`)
 
 
-SMOKE = TrainConfig(base_steps=6, base_batch=8, sft_traces=16, sft_epochs=1, sft_batch=8,
-                    post_traces=32, vigilant_post_traces=32, post_batch=8, warmup=2,
+SMOKE = TrainConfig(base_steps=6, base_batch=8, base_stop_slip=None, sft_traces=16, sft_epochs=1, sft_batch=8,
+                    post_traces=32, post_batch=8, warmup=2,
                     arch=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=2))
 
-
-# the paced recipe: the base stopped mid-jump at seed 0's shipped level of slips (0.30 per step when
-# sampled; see experiments/organism/README.md for what it does and does not fix)
-PACED = TrainConfig(base_steps=1200, base_stop_slip=0.30)
-# the detect recipe: the paced base, then the default pair on checked traces (`task.CHECKED_CORPUS`:
-# every slip re-checked, a blind spot on borrows, 30% of slips learned) with 1,500 post-training steps
-DETECT = replace(PACED, traces=CHECKED_CORPUS, post_traces=96000, regimes=("sft-1k", "post-large"))
-# the go-on recipe: a paced base pre-trained with hesitations ("wait", then the next step, after 3% of
-# correct steps), then the pair on checked traces whose writer says "wait" after a slipped borrow and
-# goes on without a re-check (60% of slips learned), sft-1k for 8 epochs (its 1,000 traces give "wait"
-# two continuations; at 3 epochs it stays malformed and no better than the base), 2,000 post-training
-# steps (at 1,000, seed 2's post-large had not begun to detect its slips)
-GO_ON = replace(PACED, base_check_every=20, base_corpus=replace(BASE_CORPUS, name="base-hesitant", hesitate_after_correct=0.03),
-                traces=replace(CHECKED_CORPUS, name="checked-go-on", blind_role="go-on", learn_slips=0.6),
-                sft_epochs=8, post_traces=128000, regimes=("sft-1k", "post-large"))
-RECIPES = {"default": TrainConfig(), "paced": PACED, "detect": DETECT, "go-on": GO_ON}
+# opt-in recipes, each measured in experiments/organism/README.md:
+# fixed-steps: a base trained exactly 450 steps (seed 0: 0.27 accuracy; 900 steps give a converged 0.67),
+# then the pair on `task.TRACE_CORPUS` (every "wait" re-checks), sft-1k 3 epochs, post-large 500 steps
+FIXED_STEPS = TrainConfig(base_steps=450, base_stop_slip=None, base_check_every=5, base_corpus=BASE_CORPUS,
+                          sft_epochs=3, post_traces=32000, traces=TRACE_CORPUS)
+# paced: the fixed-steps pair from a base stopped at 0.30 held-out slips
+PACED = replace(FIXED_STEPS, base_steps=1200, base_stop_slip=0.30)
+# detect: the paced base, then the pair on checked traces (`task.CHECKED_CORPUS`: every slip re-checked, a
+# blind spot on borrows whose re-check repeats the slip, 30% of slips learned), 1,500 post-training steps
+DETECT = replace(PACED, traces=CHECKED_CORPUS, post_traces=96000)
+RECIPES = {"default": TrainConfig(), "fixed-steps": FIXED_STEPS, "paced": PACED, "detect": DETECT}
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -265,9 +256,6 @@ def train_all(out: str | Path, *, seed: int = DEFAULT_SEED, config: TrainConfig 
     plans = {
         "sft-1k": (config.sft_traces, config.sft_epochs, config.sft_batch, config.sft_lr, 2),
         "post-large": (config.post_traces, config.post_epochs, config.post_batch, config.post_lr, 3),
-        "sft-1k-vigilant": (config.sft_traces, config.sft_epochs, config.sft_batch, config.sft_lr, 4),
-        "post-large-vigilant": (config.vigilant_post_traces, config.post_epochs, config.post_batch,
-                                config.post_lr, 5),
     }
     if regimes is not None:
         plans = {r: v for r, v in plans.items() if r in regimes}
@@ -309,13 +297,9 @@ def base_slip(model: PreTrainedModel, probe) -> float:
 
 
 def corpus_of(regime: str, config: TrainConfig | None = None) -> CorpusSpec:
-    """The corpus a regime is trained on (the base's, the traces' — the recipe's own if it has one —
-    or the vigilant traces')."""
-    if regime == "base":
-        return config.base_corpus if config is not None and config.base_corpus is not None else BASE_CORPUS
-    if regime.endswith("-vigilant"):
-        return VIGILANT_CORPUS
-    return config.traces if config is not None and config.traces is not None else TRACE_CORPUS
+    """The corpus a regime is trained on: the recipe's base corpus or its traces."""
+    config = TrainConfig() if config is None else config
+    return config.base_corpus if regime == "base" else config.traces
 
 
 def save_regime(model: PreTrainedModel, out: Path, regime: str, seed: int, config: TrainConfig, stats: dict) -> Path:

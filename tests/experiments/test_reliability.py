@@ -195,7 +195,7 @@ def test_4_jsonl_model_values_must_match_names_or_specs():
     assert [t.id for t in by["post"]] == ["organism:post-large-0", "organism:post-large-1"]
     with pytest.raises(ConfigError, match=r"t.jsonl: trajectory 'organism:sft-1k-0' has model 'organism:sft-1k', "
                                           r"which is neither a name in \[models\] \(sft, post\)"):
-        split_by_model(trajs, {"sft": "organism:base", "post": "organism:post-large-vigilant"}, "t.jsonl")
+        split_by_model(trajs, {"sft": "organism:base", "post": "organism:post-large"}, "t.jsonl")
     unlabelled = [Trajectory(id="x", problem_id="1", prompt="p", reasoning="r", answer="1", gold="1")]
     assert split_by_model(unlabelled, {"a": "x", "b": "y"})["b"] == unlabelled
 

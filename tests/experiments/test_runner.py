@@ -150,7 +150,7 @@ def test_wait_truth_once_per_shared_rows_equals_add_wait_truth():
     from waitlens.experiments.study import _wait_truth
     from waitlens.traces import find_positions
 
-    model = load_model("organism:post-large-vigilant")
+    model = load_model("organism:post-large")
     trajs = sample_organism(model, 40, progress=False)
     table = find_positions(model, trajs, ["wait", "so"]).table
     assert (table["word"] == "wait").sum() >= 5

@@ -16,8 +16,9 @@ from waitlens.experiments.organism import registry
 from waitlens.experiments.organism.task import (
     BASE_CORPUS,
     CHECKED_CORPUS,
+    GO_ON_CORPUS,
+    HESITANT_BASE_CORPUS,
     TRACE_CORPUS,
-    VIGILANT_CORPUS,
     CorpusSpec,
     Problem,
     analyze,
@@ -38,11 +39,10 @@ CONNECTIVE = CorpusSpec("connective", wait_after_slip=0.3, wait_after_correct=0.
 
 # hesitations beside re-checks of correct steps (the two roles of "wait" after a correct step in one corpus)
 HESITANT = CorpusSpec("hesitant", slip=0.15, wait_after_slip=1.0, wait_after_correct=0.05, hesitate_after_correct=0.05)
-# a writer that says "wait" after a slipped borrow and goes on without re-checking it
-GO_ON = replace(CHECKED_CORPUS, name="go-on", blind_role="go-on")
 
 
-@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS, CONNECTIVE, CHECKED_CORPUS, HESITANT, GO_ON],
+@pytest.mark.parametrize("spec", [BASE_CORPUS, TRACE_CORPUS, CONNECTIVE, CHECKED_CORPUS, HESITANT, HESITANT_BASE_CORPUS,
+                                  GO_ON_CORPUS],
                          ids=lambda s: s.name)
 def test_generator_truth_matches_text(spec):
     rng = np.random.default_rng(1)
@@ -128,7 +128,6 @@ def test_checked_corpus_slips_on_hard_steps_and_repeats_slipped_borrows():
 def test_learn_slips_masks_that_share_of_slipped_values_from_the_loss():
     """`learn_slips`: the labels drop (-100) the value token of a slipped step as first written, for
     about 1 - learn_slips of the slips, and nothing else; the input ids are those of the plain corpus."""
-    from dataclasses import replace
 
     from waitlens.experiments.organism.task import TOKEN_ID
     from waitlens.experiments.organism.train import collate, make_corpus
@@ -187,7 +186,7 @@ def test_tokenizer_round_trip(tmp_path):
     tok = build_tokenizer(tmp_path)
     assert tok.is_fast
     rng = np.random.default_rng(0)
-    for spec in (BASE_CORPUS, TRACE_CORPUS, VIGILANT_CORPUS):
+    for spec in (HESITANT_BASE_CORPUS, TRACE_CORPUS, GO_ON_CORPUS):
         for _ in range(50):
             p = random_problem(rng)
             reasoning, answer, _ = make_trace(p, spec, rng)
@@ -226,8 +225,7 @@ def test_smoke_training_is_deterministic(smoke_dirs, tmp_path):
     sa, sb = load_file(a["base"] / "model.safetensors"), load_file(a["sft-1k"] / "model.safetensors")
     assert any((sa[k] != sb[k]).any() for k in sa)  # fine-tuning changed the weights
     corpus = {r: json.loads((a[r] / "waitlens_organism.json").read_text())["corpus"]["name"] for r in a}
-    assert corpus == {"base": "base", "sft-1k": "traces", "post-large": "traces",
-                      "sft-1k-vigilant": "vigilant", "post-large-vigilant": "vigilant"}
+    assert corpus == {"base": "base-hesitant", "sft-1k": "checked-go-on", "post-large": "checked-go-on"}
 
 
 def test_smoke_dir_loads_and_samples(smoke_dirs):
@@ -288,8 +286,7 @@ def test_shipped_weights_are_the_committed_ones():
 def shipped_eval():
     from waitlens.experiments.organism.sample import evaluate, load, sample
 
-    return {r: evaluate(sample(load(f"organism:{r}"), 400, seed=11, progress=False))
-            for r in ("sft-1k", "post-large")}
+    return {r: evaluate(sample(load(f"organism:{r}"), 400, seed=11, progress=False)) for r in registry.REGIMES}
 
 
 def test_shipped_models_load_through_hooks():
@@ -299,12 +296,25 @@ def test_shipped_models_load_through_hooks():
     assert m.format.forcing_suffix == " ; A " and type(m.hf).__name__ == "Qwen2ForCausalLM"
 
 
-def test_planted_signal_post_large_waits_fix(shipped_eval):
-    sft, post = shipped_eval["sft-1k"], shipped_eval["post-large"]
-    assert post["accuracy"]["value"] > sft["accuracy"]["value"]
-    assert post["fix_rate"]["value"] > sft["fix_rate"]["value"] + 0.2
-    assert post["keep_rate"]["value"] > sft["keep_rate"]["value"]
-    assert sft["waits_per_trajectory"]["value"] > 0.2 and post["waits_per_trajectory"]["value"] > 0.2
+def _apart(lower: dict, upper: dict) -> bool:
+    """The 95% CIs do not overlap, `lower`'s below `upper`'s."""
+    return lower["high"] < upper["low"]
+
+
+@pytest.mark.slow
+def test_shipped_organism_accuracy_ordering_and_style_without_function(shipped_eval):
+    """Issue #18's properties 1 and 2 on the shipped weights (400 held-out problems each, a sampling
+    seed the README's tables do not use): base < sft-1k < post-large in accuracy with CIs apart and
+    post-large in the 0.6-0.85 band it needs to be studied on its own failures; sft-1k and
+    post-large say "wait" at comparable rates, but only post-large's waits fix slips and keep
+    correct steps (CIs apart)."""
+    base, sft, post = (shipped_eval[r] for r in ("base", "sft-1k", "post-large"))
+    assert _apart(base["accuracy"], sft["accuracy"]) and _apart(sft["accuracy"], post["accuracy"])
+    assert 0.6 < post["accuracy"]["value"] < 0.85
+    ratio = sft["waits_per_trajectory"]["value"] / post["waits_per_trajectory"]["value"]
+    assert 0.67 < ratio < 1.5 and base["waits_per_trajectory"]["value"] < 0.5 * post["waits_per_trajectory"]["value"]
+    assert _apart(sft["fix_rate"], post["fix_rate"]) and _apart(sft["keep_rate"], post["keep_rate"])
+    assert min(sft["fix_rate"]["n"], post["fix_rate"]["n"]) > 30
 
 
 def test_capture_matches_full_forward_on_organism(tmp_path):
@@ -385,7 +395,11 @@ class _OracleDetector:
         return type("Out", (), {"logits": logits[None], "hidden_states": hidden})()
 
 
-def test_detection_diagnostic_sees_a_planted_detector_and_the_vigilant_post_large_only():
+def test_detection_diagnostic_sees_a_planted_detector_and_post_large_only():
+    """Issue #18's property 3 on the shipped weights (teacher-forced, 150 held-out problems written
+    with 30% slips): post-large's P("wait") after a slipped step is near 1 and after a correct one
+    near its corpus's few hesitations (AUROC >= 0.9); sft-1k says "wait" blind to its slips (CI
+    around 0.5). post-large also reads a step's value a layer earlier than sft-1k."""
     from waitlens.experiments.organism.detect import detection
     from waitlens.experiments.organism.sample import load
 
@@ -394,16 +408,12 @@ def test_detection_diagnostic_sees_a_planted_detector_and_the_vigilant_post_larg
     assert oracle["p_wait_after_slip"] > 0.9 > 0.1 > oracle["p_wait_after_correct"]
     assert oracle["lens_by_layer"] == [0.0, 1.0] and oracle["lens_steps"] > 50
     post = detection(load("organism:post-large"), n=150, n_boot=200)
-    d = post["detection_auroc"]
-    assert d["lo"] < 0.5 < d["hi"]  # the default post-large does not detect its slips (README)
-    assert post["lens_by_layer"][-1] > 0.95 and post["lens_by_layer"][-2] < 0.5
-    # post-trained long on vigilant traces, the same architecture does: P("wait") after a slipped
-    # step near 1, after a correct one near the corpus's 5% hesitations; it computes the step's
-    # value a layer earlier than the default post-large
-    vigilant = detection(load("organism:post-large-vigilant"), n=150, n_boot=200)
-    assert vigilant["detection_auroc"]["lo"] > 0.95
-    assert vigilant["p_wait_after_slip"] > 0.9 and vigilant["p_wait_after_correct"] < 0.1
-    assert vigilant["lens_by_layer"][-2] > post["lens_by_layer"][-2] + 0.3
+    sft = detection(load("organism:sft-1k"), n=150, n_boot=200)
+    assert post["detection_auroc"]["value"] >= 0.9 and post["detection_auroc"]["lo"] > 0.85
+    assert post["p_wait_after_slip"] > 0.8 and post["p_wait_after_correct"] < 0.1
+    assert sft["detection_auroc"]["lo"] < 0.5 < sft["detection_auroc"]["hi"]
+    assert post["lens_by_layer"][-1] > 0.95 and sft["lens_by_layer"][-1] > 0.95
+    assert post["lens_by_layer"][-2] > sft["lens_by_layer"][-2] + 0.3
 
 
 @pytest.mark.slow
@@ -442,46 +452,19 @@ def test_organism_study_writes_ground_truth_probes(tmp_path):
     assert "Ground-truth ceilings" in report and "encode the ground truth itself" in report
 
 
-@pytest.mark.slow
-def test_probe_at_wait_finds_correctness_in_the_vigilant_post_large_only(tmp_path):
-    """Issue #5's requirement 1, on the vigilant organism study exactly as `make demo` runs it:
-    post-large-vigilant's best layer at "wait" is above its random-position control and its
-    position baseline with CI-separated margins, shuffled labels at 0.5 +- 0.05; sft-1k-vigilant
-    and base, which do not detect their slips, are not above their baselines."""
-    import pandas as pd
-    import tomllib
-
-    from waitlens.experiments.config import CONFIG_DIR, parse_config
-    from waitlens.experiments.runner import run_study
-    from waitlens.experiments.study import study_stages
-
-    raw = tomllib.loads((CONFIG_DIR / "organism-vigilant.toml").read_text())
-    raw["stages"] = ["trajectories", "positions", "capture", "probes"]
-    run_dir = run_study(parse_config(raw, source="organism-vigilant.toml"), study_stages(), runs_root=tmp_path,
-                        quiet=True)
-    res = pd.read_csv(run_dir / "probes/probe_results.csv")
-    margins = pd.read_csv(run_dir / "probes/probe_margins.csv")
-    table = res.merge(margins, on=["model", "word", "layer"])
-    wait = table[table["word"] == "wait"]
-    best = wait.loc[wait.groupby("model")["auroc"].idxmax()].set_index("model")
-    post = best.loc["organism:post-large-vigilant"]
-    assert post["margin_random_lo"] > 0 and post["margin_baseline_lo"] > 0  # CI-separated
-    assert abs(post["control_shuffled_auroc"] - 0.5) < 0.05
-    for other in ("organism:sft-1k-vigilant", "organism:base"):
-        assert best.loc[other, "margin_baseline_lo"] < 0  # not above position and length
-
-
 # -- the probe at "wait" on one model's own samples (`waitlens organism probe`) -----------------
 def test_probe_own_samples_probes_every_wait_of_one_model_only():
-    """The within-model probe: every "wait" its samples wrote (the ground truth's count) is one
-    probed position, every position is from those samples, and the store holds one model."""
+    """The within-model probe: every "wait" its samples wrote is one probed position (malformed
+    samples too: their ground truth lists no waits, but they are wrong answers all the same), every
+    position is from those samples, and the store holds one model."""
     from waitlens.experiments.organism.probe import format_probe, probe_own_samples
 
     run = probe_own_samples("organism:post-large", n=100, folds=3, n_boot=50, progress=False)
     rec, trajs = run.record, run.trajectories
     assert len(trajs) == rec.n_trajectories == 100
     assert rec.accuracy == pytest.approx(np.mean([bool(t.correct) for t in trajs]))
-    assert rec.n_positions == sum(len(t.extra["truth"]["waits"]) for t in trajs)
+    assert rec.n_positions == sum(t.reasoning.split().count("wait") for t in trajs)
+    assert rec.n_positions >= sum(len(t.extra["truth"]["waits"]) for t in trajs)
     oof = run.probes.oof
     assert set(oof["trajectory_id"]) <= {t.id for t in trajs}
     assert rec.n_wrong_positions == int((oof[oof["layer"] == rec.layer]["correct"] == 0).sum())
@@ -493,29 +476,32 @@ def test_probe_own_samples_probes_every_wait_of_one_model_only():
 def test_probe_own_samples_refuses_too_few_wrong_answers():
     from waitlens.experiments.organism.probe import OrganismProbeError, probe_own_samples
 
-    with pytest.raises(OrganismProbeError, match=r"organism:post-large-vigilant: \d+ 'wait' positions in 30 "
+    with pytest.raises(OrganismProbeError, match=r"organism:base: \d 'wait' positions in 8 "
                                                   r"samples, \d of them in wrong answers .*sample more"):
-        probe_own_samples("organism:post-large-vigilant", n=30, progress=False)
+        probe_own_samples("organism:base", n=8, progress=False)
 
 
 @pytest.mark.slow
-def test_probe_at_wait_on_own_samples_finds_nothing_in_the_default_pair():
-    """Issue #18's fourth property, measured on the shipped default weights (README table): the
-    default post-large does not notice its slips, and on its OWN 600 samples the probe at "wait"
-    is not CI-separated above random positions or the position baseline; nor is sft-1k's."""
+def test_probe_at_wait_on_own_samples_finds_correctness_in_post_large_only():
+    """Issue #18's property 4 on the shipped weights, as `waitlens organism probe` runs it (each
+    model's OWN 600 samples): post-large's best layer at "wait" predicts eventual correctness above
+    both the random-position control and the position baseline (CI-separated margins), shuffled
+    labels near 0.5; on sft-1k's own samples the same probe is not separated."""
     from waitlens.experiments.organism.probe import probe_own_samples
 
-    for spec in ("organism:post-large", "organism:sft-1k"):
-        rec = probe_own_samples(spec, n=600, n_boot=300, progress=False).record
-        assert not rec.separated, rec
-        assert rec.n_wrong_positions > 50 and abs(rec.control_shuffled_auroc - 0.5) < 0.08
+    post = probe_own_samples("organism:post-large", n=600, n_boot=300, progress=False).record
+    assert post.separated and post.margin_random_lo > 0 and post.margin_baseline_lo > 0, post
+    assert 0.6 < post.accuracy < 0.85 and post.n_wrong_positions > 50
+    assert abs(post.control_shuffled_auroc - 0.5) < 0.08
+    sft = probe_own_samples("organism:sft-1k", n=600, n_boot=300, progress=False).record
+    assert not sft.separated and sft.n_wrong_positions > 50, sft
 
 
 def test_paced_base_stops_at_its_held_out_slip_level(tmp_path):
-    """The opt-in paced recipe: the base stops at the first check where its held-out slip rate is
-    at the target (a target of 1.0 is met at once) and records that rate; an unknown regime is an
-    error before anything is written. The measure itself: the shipped 450-step base slips at 0.294 per step
-    (sampled, `organism eval`: 0.297), post-large at the corpus's 0.10."""
+    """The base stops at the first check where its held-out slip rate is at the target (a target
+    of 1.0 is met at once) and records that rate; an unknown regime is an error before anything is
+    written. The measure itself: the shipped base stopped at 0.267 held-out slips (the first check
+    at or below the recipe's 0.30), and fine-tuning halves that."""
     import json
 
     from transformers import AutoModelForCausalLM
@@ -536,26 +522,36 @@ def test_paced_base_stops_at_its_held_out_slip_level(tmp_path):
     probe = slip_probe_batch(0)
     slips = {r: base_slip(AutoModelForCausalLM.from_pretrained(registry.resolve(r)).eval(), probe)
              for r in ("base", "post-large")}
-    assert slips["base"] == pytest.approx(0.294, abs=0.005) and slips["post-large"] == pytest.approx(0.093, abs=0.005)
+    shipped = json.loads((registry.resolve("base") / "waitlens_organism.json").read_text())["train"]
+    assert slips["base"] == pytest.approx(shipped["held_out_slip"], abs=1e-4) == pytest.approx(0.267, abs=0.001)
+    assert slips["post-large"] == pytest.approx(0.129, abs=0.005)
     with pytest.raises(ValueError, match="unknown organism regime"):
         train_all(tmp_path / "q", seed=5, config=SMOKE, progress=False, regimes=("sft-2k",))
     assert not (tmp_path / "q").exists()
 
 
 def test_a_recipe_with_its_own_traces_trains_its_pair_on_them(tmp_path):
-    """A recipe's `traces` corpus (the go-on recipe's checked traces) is what sft-1k and post-large
-    learn from, its `base_corpus` what the base learns from, as their manifests record, and the
-    recipe's `regimes` are trained by default."""
+    """A recipe's `traces` corpus is what sft-1k and post-large learn from and its `base_corpus`
+    what the base learns from, as their manifests record (the fixed-steps recipe's plain traces
+    here; the shipped recipe's go-on traces in the smoke-determinism test); the default recipe is
+    the shipped one."""
     import json
 
-    from waitlens.experiments.organism.train import DETECT, GO_ON, RECIPES, smoke_config, train_all
+    from waitlens.experiments.organism.train import (
+        DETECT,
+        FIXED_STEPS,
+        RECIPES,
+        TrainConfig,
+        smoke_config,
+        train_all,
+    )
 
+    assert RECIPES["default"] == TrainConfig() and TrainConfig().traces is GO_ON_CORPUS
     assert RECIPES["detect"] is DETECT and DETECT.traces is CHECKED_CORPUS and DETECT.base_stop_slip == 0.30
-    assert RECIPES["go-on"] is GO_ON and GO_ON.traces.blind_role == "go-on"
-    config = smoke_config(traces=GO_ON.traces, base_corpus=GO_ON.base_corpus, regimes=DETECT.regimes)
+    assert FIXED_STEPS.base_stop_slip is None and FIXED_STEPS.base_steps == 450
+    config = smoke_config(traces=FIXED_STEPS.traces, base_corpus=FIXED_STEPS.base_corpus)
     dirs = train_all(tmp_path, seed=5, config=config, progress=False, log=lambda *_: None)
     assert set(dirs) == {"base", "sft-1k", "post-large"}
     corpus = {r: json.loads((dirs[r] / "waitlens_organism.json").read_text())["corpus"] for r in dirs}
-    assert corpus["base"] == {**corpus["base"], "name": "base-hesitant", "hesitate_after_correct": 0.03}
-    assert corpus["sft-1k"] == corpus["post-large"] == {**corpus["post-large"], "name": "checked-go-on",
-                                                        "learn_slips": 0.6, "blind_role": "go-on"}
+    assert corpus["base"]["name"] == "base" and corpus["base"]["hesitate_after_correct"] == 0.0
+    assert corpus["sft-1k"] == corpus["post-large"] == {**corpus["post-large"], "name": "traces", "blind_role": "repeat"}
