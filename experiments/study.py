@@ -276,24 +276,10 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def _wait_truth(metas: list[Any], pooled: list[Trajectory]) -> list[Any]:
-    """`organism.wait_truth.add_wait_truth(meta, pooled)` for each metadata table. The facts are
-    computed once per distinct set of wait rows (stores captured on the pooled trajectories
-    share them), on only the columns add_wait_truth reads; the tables are the same."""
-    from waitlens.experiments.organism.wait_truth import TRUTH_COLUMNS, add_wait_truth
+    """`organism.wait_truth.add_wait_truth(meta, pooled)` for each metadata table."""
+    from waitlens.experiments.organism.wait_truth import add_wait_truth
 
-    keys = ["trajectory_id", "word", "token_index"]
-    done: list[tuple[Any, Any]] = []  # (wait rows, their truth columns)
-    out = []
-    for meta in metas:
-        rows = meta[keys]
-        rows = rows[rows["word"].astype(str).str.lower() == "wait"]
-        cols = next((c for r, c in done if r.equals(rows)), None)
-        if cols is None:
-            cols = add_wait_truth(rows, pooled)[list(TRUTH_COLUMNS)]
-            done.append((rows, cols))
-        cols = cols.reindex(meta.index)  # NaN on every other row, as add_wait_truth leaves them
-        out.append(meta.assign(**{c: cols[c].to_numpy() for c in TRUTH_COLUMNS}))
-    return out
+    return [add_wait_truth(meta, pooled) for meta in metas]
 
 
 def _truth_ceilings(ctx: RunContext, meta, out: Path, summary: dict[str, Any]):

@@ -56,13 +56,29 @@ def add_wait_truth(metadata: pd.DataFrame, trajectories: list[Trajectory]) -> pd
     out = metadata.copy()
     for c in TRUTH_COLUMNS:
         out[c] = np.nan
-    waits = out[out["word"].astype(str).str.lower() == "wait"]
-    for tid, rows in waits.groupby(waits["trajectory_id"].astype(str)):
+    is_wait = (out["word"].astype(str).str.lower() == "wait").to_numpy()
+    tids = np.asarray(out["trajectory_id"].astype(str).to_numpy()[is_wait], dtype=str)
+    if not len(tids):
+        return out
+    # the wait rows sorted by trajectory, then token index (ties in row order): each
+    # trajectory's rows are consecutive, its k-th row gets its k-th fact, in one assignment
+    rows = np.flatnonzero(is_wait)
+    order = np.lexsort((rows, out["token_index"].to_numpy()[rows], tids))
+    rows, tids = rows[order], tids[order]
+    start = np.r_[True, tids[1:] != tids[:-1]]
+    first = np.flatnonzero(start)
+    counts = np.diff(np.r_[first, len(tids)])
+    values = np.full((len(tids), len(TRUTH_COLUMNS)), np.nan)
+    keep = np.zeros(len(tids), dtype=bool)
+    for tid, a, n in zip(tids[first], first, counts, strict=True):
         f = facts.get(tid)
         if f is None:
             continue
-        order = rows.sort_values("token_index").index
-        if len(order) != len(f):
-            raise ValueError(f"trajectory {tid}: {len(order)} 'wait' positions but {len(f)} 'wait' words")
-        out.loc[order, list(TRUTH_COLUMNS)] = np.array(f, dtype=float)
+        if n != len(f):
+            raise ValueError(f"trajectory {tid}: {n} 'wait' positions but {len(f)} 'wait' words")
+        if n:
+            values[a:a + n] = f
+            keep[a:a + n] = True
+    cols = [out.columns.get_loc(c) for c in TRUTH_COLUMNS]
+    out.iloc[rows[keep], cols] = values[keep]
     return out
