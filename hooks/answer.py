@@ -42,7 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from waitlens.hooks.batching import MAX_BATCH_TOKENS, check_padding, length_batches, pad_batch
-from waitlens.hooks.logprobs import row_logprobs
+from waitlens.hooks.logprobs import head_logprobs
 from waitlens.hooks.models import LoadedModel
 from waitlens.traces.formats import Rendered, tokenize_with_offsets
 from waitlens.traces.grading import normalize_answer
@@ -240,8 +240,8 @@ def _branching_batch(model, items: Sequence[_Item], include_close: bool, padding
         starts.append(st_b)
     hidden, flat = _step(model, cache, n, queries, pad_id)
     n += max(max(len(r) for r in queries), 1)
-    # log-probs only at the rows that predict scored tokens
-    need, where = [], []
+    # log-probs only at the rows that predict scored tokens (the LM head read a few rows at a time)
+    need, targets, where = [], [], []
     for b, it in enumerate(items):
         scored = it.scored(include_close)
         f, r = len(it.st.forcing), it.r
@@ -250,14 +250,15 @@ def _branching_batch(model, items: Sequence[_Item], include_close: bool, padding
         for j in range(len(it.prefixes)):
             where.append((b, j, len(need)))
             need += [flat[b][j * width + first + i] for i in range(len(scored))]
-    lp = row_logprobs(model, hidden.index_select(0, torch.tensor(need, device=hidden.device)))
+            targets += scored
+    lp, top_id, top_lp = head_logprobs(model, hidden.index_select(0, torch.tensor(need, device=hidden.device)),
+                                       torch.tensor(targets, dtype=torch.long, device=hidden.device), top=True)
     gold = [np.zeros(len(it.prefixes)) for it in items]
     greedy: list[list[list[tuple[int, float]]]] = [[[] for _ in it.prefixes] for it in items]
     for b, j, k in where:
         scored = items[b].scored(include_close)
-        gold[b][j] = float(sum(lp[k + i, t] for i, t in enumerate(scored)))
-        g = int(lp[k].argmax())
-        greedy[b][j].append((g, float(lp[k, g])))
+        gold[b][j] = float(sum(lp[k + i] for i in range(len(scored))))
+        greedy[b][j].append((int(top_id[k]), float(top_lp[k])))
     # further greedy steps: each active branch feeds its last greedy token
     own = [[np.concatenate([base.offsets[b] + np.arange(p - it.r), np.arange(s, s + it.r + len(it.st.forcing))])
             for p, s in zip(it.prefixes, starts[b], strict=True)] for b, it in enumerate(items)]
@@ -279,12 +280,12 @@ def _branching_batch(model, items: Sequence[_Item], include_close: bool, padding
         hidden, flat = _step(model, cache, n, queries, pad_id)
         n += max(max(len(r) for r in queries), 1)
         idx = [flat[b][qi] for b in range(len(items)) for qi in range(len(active[b]))]
-        lp = row_logprobs(model, hidden.index_select(0, torch.tensor(idx, device=hidden.device)))
+        _, top_id, top_lp = head_logprobs(model, hidden.index_select(0, torch.tensor(idx, device=hidden.device)),
+                                          top=True)
         k = 0
         for b in range(len(items)):
             for j in active[b]:
-                g = int(lp[k].argmax())
-                greedy[b][j].append((g, float(lp[k, g])))
+                greedy[b][j].append((int(top_id[k]), float(top_lp[k])))
                 k += 1
     return list(zip(gold, greedy, strict=True))
 

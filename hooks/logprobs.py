@@ -112,34 +112,48 @@ HEAD_CHUNK = 1 << 23  # logits per LM-head chunk in `target_logprobs` (32 MB of 
 def target_logprobs(model: LoadedModel, hidden: Float[Tensor, "n d_model"],
                     targets: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
     """`row_logprobs(model, hidden)[i, targets[i]]` for every row i, a few rows at a time, so the
-    [n, vocab] matrix is never built (8192 rows of a 151k vocabulary: 5 GB, twice). A float32
+    [n, vocab] matrix is never built (8192 rows of a 151k vocabulary: 5 GB, twice)."""
+    return head_logprobs(model, hidden, targets)[0]
+
+
+def head_logprobs(model: LoadedModel, hidden: Float[Tensor, "n d_model"], targets: Int[Tensor, " n"] | None = None,
+                  *, top: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Rows of `row_logprobs(model, hidden)` read `HEAD_CHUNK` logits at a time, never the whole
+    [n, vocab] matrix: (log-prob of `targets[i]` in row i, or None without targets; with `top`,
+    each row's argmax (the first, as `argmax`) and its log-prob, else None, None). A float32
     nn.Linear head without logit softcapping writes each chunk into two buffers reused across
     chunks (no fresh pages per chunk); any other head goes through `row_logprobs` chunk by chunk."""
     head = model.hf.get_output_embeddings()
-    n = len(targets)
-    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    n = hidden.shape[0]
+    tgt = torch.empty(n, dtype=torch.float32, device=hidden.device) if targets is not None else None
+    top_id = torch.empty(n, dtype=torch.long, device=hidden.device) if top else None
+    top_lp = torch.empty(n, dtype=torch.float32, device=hidden.device) if top else None
     if n == 0:
-        return out
+        return tgt, top_id, top_lp
     plain = (type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype == torch.float32
              and not getattr(model.config, "final_logit_softcapping", None))
     vocab = head.weight.shape[0] if plain else int(getattr(model.config, "vocab_size", 0) or 1)
     step = max(1, min(n, HEAD_CHUNK // vocab))
     if plain:
         logits = hidden.new_empty((step, vocab))
-        lp = hidden.new_empty((step, vocab))
+        buf = hidden.new_empty((step, vocab))
     for s in range(0, n, step):
-        h, t = hidden[s:s + step], targets[s:s + step, None]
+        h = hidden[s:s + step]
+        m = len(h)
         if plain:
-            m = len(h)
             if head.bias is None:
                 torch.mm(h, head.weight.t(), out=logits[:m])
             else:
                 torch.addmm(head.bias, h, head.weight.t(), out=logits[:m])
-            torch.log_softmax(logits[:m], -1, out=lp[:m])
-            out[s:s + m] = lp[:m].gather(1, t)[:, 0]
+            lp = torch.log_softmax(logits[:m], -1, out=buf[:m])
         else:
-            out[s:s + step] = row_logprobs(model, h).gather(1, t)[:, 0]
-    return out
+            lp = row_logprobs(model, h)
+        if tgt is not None:
+            tgt[s:s + m] = lp.gather(1, targets[s:s + m, None])[:, 0]
+        if top:
+            v, i = lp.max(-1)
+            top_lp[s:s + m], top_id[s:s + m] = v, i
+    return tgt, top_id, top_lp
 
 
 def row_logprobs(model: LoadedModel, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:

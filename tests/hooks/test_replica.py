@@ -173,10 +173,41 @@ def test_target_logprobs_equal_the_full_head(pair, real_trace, monkeypatch):
         n, vocab = len(tgt), r1.hf.get_output_embeddings().weight.shape[0]
         assert n % (L.HEAD_CHUNK // vocab) and n > 2 * (L.HEAD_CHUNK // vocab)
         fast = L.target_logprobs(r1, hidden[:-1], tgt)
+        lp_full = L.row_logprobs(r1, hidden[:-1])
+        _, top_id, top_lp = L.head_logprobs(r1, hidden[:-1], top=True)
+        assert top_id.tolist() == lp_full.argmax(-1).tolist()
+        assert (top_lp - lp_full.max(-1).values).abs().max().item() <= 1e-6
         monkeypatch.setattr(L.torch.nn, "Linear", type("NotLinear", (), {}))  # forces the generic path
         generic = L.target_logprobs(r1, hidden[:-1], tgt)
     assert fast.shape == generic.shape == (n,)
     assert (fast - full).abs().max().item() <= 1e-5 and (generic - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_forced_answers_read_the_head_in_chunks_as_whole(pair, real_trace, monkeypatch):
+    """answer_curves reads the LM head a chunk of rows at a time (151k vocabulary: 55 rows per
+    chunk); the curves equal those of one whole [rows, vocab] log-softmax within 1e-6, with the
+    same greedy answers."""
+    import waitlens.hooks.answer as A
+    import waitlens.hooks.logprobs as L
+
+    _, r1, _ = pair
+    rd = r1.render(real_trace, include_answer=False)
+    every = 2
+    got = A.answer_curves(r1, [real_trace], every=every, max_answer_tokens=3)
+    assert len(got) > 2 * (L.HEAD_CHUNK // r1.hf.get_output_embeddings().weight.shape[0])  # several chunks
+
+    def whole(model, hidden, targets=None, *, top=False):
+        lp = L.row_logprobs(model, hidden)
+        t = lp.gather(1, targets[:, None])[:, 0] if targets is not None else None
+        return (t, lp.argmax(-1), lp.max(-1).values) if top else (t, None, None)
+
+    monkeypatch.setattr(A, "head_logprobs", whole)
+    ref = A.answer_curves(r1, [real_trace], every=every, max_answer_tokens=3)
+    assert list(got["prefix"]) == list(ref["prefix"]) and rd.reasoning_tokens[1] in set(got["prefix"])
+    assert list(got["top_answer"]) == list(ref["top_answer"])
+    for c in ("gold_logprob", "top_logprob", "gold_prob", "top_prob"):
+        assert (got[c] - ref[c]).abs().max() <= 1e-6, c
 
 
 @pytest.mark.slow
