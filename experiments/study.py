@@ -249,7 +249,10 @@ def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 
 def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from functools import partial
+
     from waitlens.experiments.analyses.probe import probe_to_dir
+    from waitlens.probes.parallel import available_cores, map_fork
 
     _need_weights(ctx)
 
@@ -263,16 +266,54 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
         truth = dict(zip(stores, _wait_truth([ActivationStore(s).metadata for s in stores], pooled), strict=True))
     ground: dict[str, Any] = {}
     ceilings = None if truth is None else _truth_ceilings(ctx, truth[stores[0]], out, ground)
+    # every probe fit (each store's, then each store's ground-truth facts') is independent and
+    # pinned to one thread: fitted in one process per core, with the results of one process
+    from waitlens.experiments.organism.wait_truth import TRUTH_COLUMNS
+
+    facts = [] if ceilings is None else [(path, truth[path], f) for path in stores for f in TRUTH_COLUMNS]
+    tasks = [("probe", path) for path in stores] + [("fact", *t) for t in facts]
     try:
+        fits = map_fork(partial(_probe_fit, words=list(p.words), folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed),
+                        tasks, available_cores())
         summary = probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
-                               transfer=p.transfer and len(stores) > 1, ceilings=ceilings)
+                               transfer=p.transfer and len(stores) > 1, ceilings=ceilings,
+                               results=fits[: len(stores)])
     except InsufficientDataError as e:
         raise StageSkipped(str(e)) from None
     if ceilings is not None:
-        _fact_probes(ctx, truth, out, ground)
+        _fact_probes(ctx, [(path, f) for path, _, f in facts], fits[len(stores):], out, ground)
     if truth is not None:
         summary["ground_truth"] = ground
     return summary
+
+
+def _probe_fit(task: tuple, *, words: list[str], folds: int, n_boot: int, seed: int) -> Any:
+    """One probes-stage fit: ("probe", store) -> the store's `fit_layer_probes` result (as
+    probe_to_dir fits it); ("fact", store, metadata, fact) -> the truth-probe table of one fact
+    at "wait" (`_fact_probes`), or the reason it could not be fitted (a string)."""
+    import numpy as np
+
+    from waitlens.hooks.store import ActivationStore
+    from waitlens.probes.linear import fit_layer_probes
+
+    if task[0] == "probe":
+        return fit_layer_probes(ActivationStore(task[1]), words=words, n_folds=folds, n_inner=3, controls=True,
+                                n_boot=n_boot, seed=seed, threads=1)
+    _, path, meta, fact = task
+    store = ActivationStore(path)
+    rows = np.flatnonzero((meta["word"] == "wait").to_numpy() & meta["after_slip"].notna().to_numpy())
+    states, sub = store.states(rows=rows), meta.iloc[rows].reset_index(drop=True)
+    try:
+        with warnings.catch_warnings():  # control positions carry no fact: only the shuffle runs
+            warnings.filterwarnings("ignore", message="no control positions")
+            res = fit_layer_probes(states, sub, words="wait", label=fact, n_folds=folds, n_boot=n_boot, seed=seed,
+                                   threads=1, margins=False)  # the table reads no margin
+    except (InsufficientDataError, ValueError) as e:
+        return str(e)
+    t = res.table[["model", "layer", "auroc", "auroc_lo", "auroc_hi", "control_shuffled_auroc",
+                   "baseline_auroc"]].assign(label=fact)
+    t["layer"] = np.asarray(store.layers)[t["layer"].to_numpy()]  # store layer numbers
+    return t
 
 
 def _wait_truth(metas: list[Any], pooled: list[Trajectory]) -> list[Any]:
@@ -312,38 +353,22 @@ def _truth_ceilings(ctx: RunContext, meta, out: Path, summary: dict[str, Any]):
     return ceilings
 
 
-def _fact_probes(ctx: RunContext, truth: dict, out: Path, summary: dict[str, Any]) -> None:
+def _fact_probes(ctx: RunContext, keys: list[tuple[Path, str]], fits: list[Any], out: Path,
+                 summary: dict[str, Any]) -> None:
     """`truth_probes.csv`: per model and layer, a state probe for each ground-truth fact itself
     (do the states at "wait" encode that the step just written was a slip, or that the running
     value is wrong?), problem-grouped CV, with the shuffled-label control (per position) and
-    the position baseline for the same fact."""
-    import numpy as np
+    the position baseline for the same fact. `fits`: `_probe_fit`'s for each (store, fact)."""
     import pandas as pd
 
-    from waitlens.experiments.organism.wait_truth import TRUTH_COLUMNS
     from waitlens.hooks.store import ActivationStore
-    from waitlens.probes.linear import fit_layer_probes
 
-    p = ctx.cfg.probes
     tables = []
-    for path, meta in truth.items():
-        store = ActivationStore(path)
-        rows = np.flatnonzero((meta["word"] == "wait").to_numpy() & meta["after_slip"].notna().to_numpy())
-        states, sub = store.states(rows=rows), meta.iloc[rows].reset_index(drop=True)
-        for fact in TRUTH_COLUMNS:
-            try:
-                with warnings.catch_warnings():  # control positions carry no fact: only the shuffle runs
-                    warnings.filterwarnings("ignore", message="no control positions")
-                    res = fit_layer_probes(states, sub, words="wait", label=fact, n_folds=p.folds,
-                                           n_boot=p.n_boot, seed=ctx.cfg.seed, threads=1,
-                                           margins=False)  # the table below reads no margin
-            except (InsufficientDataError, ValueError) as e:
-                ctx.log(f"probes: {store.model} {fact}: {e}")
-                continue
-            t = res.table[["model", "layer", "auroc", "auroc_lo", "auroc_hi", "control_shuffled_auroc",
-                           "baseline_auroc"]].assign(label=fact)
-            t["layer"] = np.asarray(store.layers)[t["layer"].to_numpy()]  # store layer numbers
-            tables.append(t)
+    for (path, fact), t in zip(keys, fits, strict=True):
+        if isinstance(t, str):
+            ctx.log(f"probes: {ActivationStore(path).model} {fact}: {t}")
+            continue
+        tables.append(t)
     if tables:
         t = pd.concat(tables, ignore_index=True)[["model", "label", "layer", "auroc", "auroc_lo", "auroc_hi",
                                                   "control_shuffled_auroc", "baseline_auroc"]]

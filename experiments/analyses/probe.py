@@ -7,11 +7,13 @@ from __future__ import annotations
 
 def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow_mixed=False, folds=5,
                  inner_folds=3, controls=True, n_boot=1000, seed=0, threads=1, transfer=False,
-                 ceilings=None) -> dict:
+                 ceilings=None, results=None, workers=1) -> dict:
     """Probe every store (a directory or ActivationStore), write tables and figures into `out`.
 
     ceilings: `probes.feature_probes` rows to draw in the AUROC-by-layer figure (the organism's
-    ground-truth ceilings), if any.
+    ground-truth ceilings), if any. results: the stores' `fit_layer_probes` results, if the caller
+    fitted them already (with these settings); else each store is fitted here, in up to `workers`
+    processes (`probes.parallel.map_fork`: the same results as one process at threads=1).
 
     Returns a summary: per model and word, the best layer and its AUROC.
     """
@@ -26,7 +28,7 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
         plot_transfer_matrix,
     )
     from waitlens.hooks.store import ActivationStore
-    from waitlens.probes.linear import CSV_COLUMNS, fit_layer_probes
+    from waitlens.probes.linear import CSV_COLUMNS
     from waitlens.probes.transfer import transfer_matrix
     from waitlens.traces.atomic import atomic_write
 
@@ -34,12 +36,14 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
     words = list(words)
     stores = [s if isinstance(s, ActivationStore) else ActivationStore(s) for s in stores]
     _check_writable(out)  # before the work, not after it
-    results, summary = [], {}
-    for store in stores:
-        res = fit_layer_probes(store, words=words, layers=layers, model=model,
-                               allow_mixed=allow_mixed, n_folds=folds, n_inner=inner_folds,
-                               controls=controls, n_boot=n_boot, seed=seed, threads=threads)
-        results.append(res)
+    if results is None:
+        results = fit_stores(stores, words=words, layers=layers, model=model, allow_mixed=allow_mixed,
+                             folds=folds, inner_folds=inner_folds, controls=controls, n_boot=n_boot, seed=seed,
+                             threads=threads, workers=workers)
+    if len(results) != len(stores):
+        raise ValueError(f"{len(results)} probe results for {len(stores)} stores")
+    summary = {}
+    for res in results:
         for word in dict.fromkeys(res.table["word"]):
             best = res.best_layer(word)
             r = res.table[(res.table.word == word) & (res.table.layer == best)].iloc[0]
@@ -74,6 +78,19 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
         print(matrix.round(3).to_string())
         print(f"wrote {out / 'transfer.csv'}, {out / 'transfer_cosine.csv'}, {out / 'transfer_matrix.png'}")
     return summary
+
+
+def fit_stores(stores, *, words=("wait",), layers=None, model=None, allow_mixed=False, folds=5, inner_folds=3,
+               controls=True, n_boot=1000, seed=0, threads=1, workers=1) -> list:
+    """`fit_layer_probes` on each store (probe_to_dir's settings), in up to `workers` processes."""
+    from functools import partial
+
+    from waitlens.probes.linear import fit_layer_probes
+    from waitlens.probes.parallel import map_fork
+
+    fit = partial(fit_layer_probes, words=list(words), layers=layers, model=model, allow_mixed=allow_mixed,
+                  n_folds=folds, n_inner=inner_folds, controls=controls, n_boot=n_boot, seed=seed, threads=threads)
+    return map_fork(fit, stores, workers if threads == 1 else 1)
 
 
 def _check_writable(out) -> None:

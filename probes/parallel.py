@@ -1,0 +1,54 @@
+"""Independent fits in worker processes, with the results they give in this process.
+
+`map_fork(fn, items, workers)` is ``[fn(x) for x in items]``, run by up to `workers` forked
+copies of this process (Linux's fork start method: nothing is re-imported or reloaded). Each
+worker runs torch on one thread, so a function that pins torch to one thread itself (the probes'
+``threads=1``) computes there exactly what it computes here: the same operations on the same
+inputs, in the same order. Results come back in the order of `items`; an exception in a worker
+is raised here. Without fork, or with one worker or one item, everything runs in this process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def map_fork(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1) -> list[Any]:
+    """``[fn(x) for x in items]``, in up to `workers` forked processes (module doc)."""
+    items = list(items)
+    n = min(int(workers), len(items))
+    if n <= 1 or "fork" not in mp.get_all_start_methods():
+        return [fn(x) for x in items]
+    from concurrent.futures import ProcessPoolExecutor
+
+    # tokenizers warns in a forked child of a process that tokenized in parallel, unless this is set
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_one_thread) as ex:
+            return list(ex.map(fn, items))
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+__all__ = ["available_cores", "map_fork"]

@@ -1,0 +1,53 @@
+"""Probe fits in forked worker processes (`probes.parallel`) give what one process gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from waitlens.probes.parallel import map_fork
+
+
+def _square(x):
+    if x == "boom":
+        raise ValueError("boom item")
+    return x * x
+
+
+def _threads(_):
+    return torch.get_num_threads()
+
+
+def test_map_fork_keeps_order_and_raises_a_workers_error():
+    assert map_fork(_square, range(7), workers=2) == [x * x for x in range(7)]
+    assert map_fork(_square, [3], workers=4) == [9]  # one item: in this process
+    assert map_fork(_threads, range(4), workers=2) == [1] * 4  # workers run torch on one thread
+    with pytest.raises(ValueError, match="boom item"):
+        map_fork(_square, [1, "boom", 2], workers=2)
+
+
+def test_fit_stores_in_two_processes_equals_one_process(tmp_path):
+    """Every table of every store's probes (results, margins, out-of-fold predictions, weights)
+    is bit-identical whether the stores are fitted here or in two workers."""
+    from waitlens.experiments.analyses.probe import fit_stores
+    from waitlens.hooks.store import write_store
+    from waitlens.probes.synthetic import planted_states
+
+    stores = []
+    for k in range(3):
+        X, meta = planted_states(40, 2, 3, n_layers=3, d_model=16, planted_layer=1, signal=1.0 + k, seed=k)
+        write_store(tmp_path / f"s{k}", torch.from_numpy(X), meta, {"model": f"m{k}", "lexicon": ["wait"]})
+        stores.append(tmp_path / f"s{k}")
+    kw = {"words": ["wait", "all"], "n_boot": 100, "threads": 1}
+    one, two = fit_stores(stores, workers=1, **kw), fit_stores(stores, workers=2, **kw)
+    assert [r.model for r in two] == ["m0", "m1", "m2"]
+    for a, b in zip(one, two, strict=True):
+        pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
+        pd.testing.assert_frame_equal(a.margins, b.margins, check_exact=True)
+        pd.testing.assert_frame_equal(a.oof, b.oof, check_exact=True)
+        for w in a.directions:
+            np.testing.assert_array_equal(a.directions[w], b.directions[w])
+            np.testing.assert_array_equal(a.fold_coef[w], b.fold_coef[w])
+    assert one[2].table["auroc"].max() > one[0].table["auroc"].max()  # three different fits
