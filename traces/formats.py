@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -205,14 +206,61 @@ def render(tokenizer, trajectory: Trajectory, fmt: PromptFormat, *, include_answ
 
 
 def tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets, adding no special tokens (the text has them)."""
+    """Token ids and character offsets, adding no special tokens (the text has them).
+
+    Each tokenizer remembers its last `MEMO_TOKENS` tokens of encodings (as int32 arrays), so
+    the stages of a study that render the same trajectories (positions, token counts, capture)
+    tokenize each text once; a hit returns fresh lists equal to a new encoding."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             f"{type(tokenizer).__name__} is not a fast tokenizer; waitlens needs character offsets "
             "(load the tokenizer with use_fast=True)"
         )
+    memo = _memo(tokenizer)
+    hit = memo.get(text) if memo is not None else None
+    if hit is not None:
+        ids, starts, ends = hit
+        return ids.tolist(), list(zip(starts.tolist(), ends.tolist(), strict=True))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if memo is not None and len(ids) <= MEMO_TOKENS:
+        import numpy as np
+
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        if len(text) < 2**31:
+            memo[text] = (np.asarray(ids, dtype=np.int32), off[:, 0].astype(np.int32), off[:, 1].astype(np.int32))
+            memo.n_tokens += len(ids) + _ENTRY
+            while memo.n_tokens > MEMO_TOKENS:
+                memo.n_tokens -= len(memo.pop(next(iter(memo)))[0]) + _ENTRY
+    return ids, offsets
+
+
+MEMO_TOKENS = 8_000_000  # tokens of encodings kept per tokenizer (12 bytes each)
+_ENTRY = 32  # what an entry's arrays cost beyond their tokens, in tokens
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Memo(dict):
+    """text -> (ids, starts, ends); `stamp` is the tokenizer state it was filled under."""
+
+    def __init__(self, stamp):
+        super().__init__()
+        self.stamp = stamp
+        self.n_tokens = 0
+
+
+def _memo(tokenizer) -> _Memo | None:
+    """The tokenizer's encoding memo (kept beside it, never in it: it is not pickled with it),
+    emptied when its backend or vocabulary size changed (added tokens); None for a tokenizer
+    that takes no weak reference."""
+    stamp = (id(getattr(tokenizer, "backend_tokenizer", None)), len(tokenizer))
+    try:
+        memo = _MEMOS.get(tokenizer)
+        if memo is None or memo.stamp != stamp:
+            memo = _MEMOS[tokenizer] = _Memo(stamp)
+    except TypeError:
+        return None
+    return memo
 
 
 def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:

@@ -204,3 +204,33 @@ def test_a_match_on_the_unknown_token_is_left_out_with_a_warning():
     assert sorted(pos.table["word"]) == ["so", "wait"]
     assert model.tokenizer.unk_token_id not in [ids[i] for i in pos.table["token_index"]]
     assert not pos.table.duplicated(["trajectory_id", "token_index"]).any()
+
+
+def test_encodings_are_remembered_per_tokenizer_and_forgotten_when_it_changes(monkeypatch):
+    """A second tokenization of a text is the memo's: equal fresh lists; added tokens empty the
+    memo (the text tokenizes anew); the oldest encodings go past MEMO_TOKENS."""
+    import waitlens.traces.formats as F
+
+    tok = _word_tokenizer()
+    text = "Q 3 + 4 ; wait 7 - 1 = 6 so 6 <eos>"
+    calls = {"n": 0}
+    real_call = type(tok).__call__
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    ids, offs = F.tokenize_with_offsets(tok, text)
+    again = F.tokenize_with_offsets(tok, text)
+    assert calls["n"] == 1 and again == (ids, offs) and again[0] is not ids
+    assert all(type(o) is tuple and all(type(x) is int for x in o) for o in again[1])
+    again[0].append(-1)  # a caller's list is its own
+    assert F.tokenize_with_offsets(tok, text)[0] == ids
+    tok.add_tokens(["check"])
+    assert F.tokenize_with_offsets(tok, text + " check")[0][-1] == tok.convert_tokens_to_ids("check")
+    assert F.tokenize_with_offsets(tok, text) == (ids, offs) and calls["n"] == 3  # tokenized anew
+    monkeypatch.setattr(F, "MEMO_TOKENS", len(ids) + F._ENTRY)  # room for one encoding
+    F.tokenize_with_offsets(tok, "Q 1")
+    F.tokenize_with_offsets(tok, text)
+    assert calls["n"] == 5 and list(F._MEMOS[tok]) == [text]
