@@ -379,6 +379,7 @@ def _fact_probes(ctx: RunContext, keys: list[tuple[Path, str]], fits: list[Any],
 
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.analyses.patch import patch_to_dir
+    from waitlens.probes.parallel import available_cores
 
     _need_weights(ctx)
 
@@ -395,7 +396,7 @@ def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
                         control=p.controls, attribution=p.attribution, sampled=p.sampled,
                         n_boot=ctx.cfg.tokens.n_boot,
                         seed=ctx.cfg.seed, progress=not ctx.quiet,
-                        manifest={"source": p.source, "target": p.target})
+                        manifest={"source": p.source, "target": p.target}, workers=available_cores())
 
 
 def _has_word(t: Trajectory, word: str) -> bool:

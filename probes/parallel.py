@@ -1,19 +1,26 @@
-"""Independent fits in worker processes, with the results they give in this process.
+"""Independent work in worker processes, with the results it gives in this process.
 
 `map_fork(fn, items, workers)` is ``[fn(x) for x in items]``, run by up to `workers` forked
-copies of this process (Linux's fork start method: nothing is re-imported or reloaded). Each
-worker runs torch on one thread, so a function that pins torch to one thread itself (the probes'
-``threads=1``) computes there exactly what it computes here: the same operations on the same
-inputs, in the same order. Results come back in the order of `items`; an exception in a worker
-is raised here. Without fork, or with one worker or one item, everything runs in this process.
+copies of this process (Linux's fork start method). A worker inherits `fn` and `items` as they
+are here (loaded models included: nothing is pickled or reloaded on the way in); only the
+results travel back, pickled, in the order of `items`. An exception in a worker is raised here.
+Each worker runs torch on one thread: work that pins torch to one thread itself (the probes'
+``threads=1``) computes there exactly what it computes here, the same operations on the same
+inputs in the same order; for other work, the caller checks that the thread count does not
+change its results. Without fork, or with one worker or one item, everything runs here.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
+
+_JOBS: dict[int, tuple[Callable[[Any], Any], list[Any]]] = {}  # read by the forked workers
+_KEYS = itertools.count()
 
 
 def available_cores() -> int:
@@ -30,6 +37,11 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _run(key: int, i: int) -> Any:
+    fn, items = _JOBS[key]
+    return fn(items[i])
+
+
 def map_fork(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1) -> list[Any]:
     """``[fn(x) for x in items]``, in up to `workers` forked processes (module doc)."""
     items = list(items)
@@ -38,13 +50,16 @@ def map_fork(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1) -
         return [fn(x) for x in items]
     from concurrent.futures import ProcessPoolExecutor
 
+    key = next(_KEYS)
+    _JOBS[key] = (fn, items)  # before the workers fork (at the first task)
     # tokenizers warns in a forked child of a process that tokenized in parallel, unless this is set
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         with ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_one_thread) as ex:
-            return list(ex.map(fn, items))
+            return list(ex.map(partial(_run, key), range(len(items))))
     finally:
+        del _JOBS[key]
         if old is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:

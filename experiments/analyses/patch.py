@@ -72,14 +72,16 @@ class _Staging:
 def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Trajectory], out: Path, *, layers="all", window="-2:4", metrics=None, word="wait",
                  both_directions=True, control=True, attribution=False, sampled=False, kl_positions=8,
                  n_boot=1000, seed=0, progress=True, manifest: dict | None = None,
-                 max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> dict:
+                 max_batch_tokens: int | None = MAX_BATCH_TOKENS, workers: int = 1) -> dict:
     """Patch `source` -> `target` (and back), write tables and figures into `out`; returns a summary.
 
     metrics: names or PatchMetrics (default: `default_metrics(target)`). With the same model as
     source and target (the null patch) only one direction runs; every effect is exactly 0.
     max_batch_tokens: `hooks.patching.patch`'s (None: one case at a time). Under torchrun every
     rank patches its share of the trajectories; rank 0 writes `out` and prints, the others
-    return the summary only.
+    return the summary only. workers: the two directions (each with its sampled continuations)
+    run in up to this many forked processes on one torch thread each (`probes.parallel.map_fork`;
+    one process under torchrun).
     """
     from waitlens.experiments.plots import save_figure
     from waitlens.experiments.plots.patching import attribution_scatter, heatmaps, layer_curves
@@ -95,11 +97,24 @@ def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Traje
     if null and both_directions:
         print(f"source and target are both {source.spec}: the null patch, one direction")
     can_attribute = attribution and any(m.differentiable for m in fns)
-    result = None
-    for src, tgt in pairs:
+
+    def direction(pair):  # one direction's patching, then its sampled continuations
+        src, tgt = pair
         r = patch(src, tgt, trajs, layers=layers, window=window, metrics=fns, word=word,
                   control=control, kl_positions=kl_positions, seed=seed, attribution=can_attribute,
                   progress=progress, max_batch_tokens=max_batch_tokens)
+        sampled_table = None
+        if sampled and r.info["rank"] == 0:
+            sampled_table = _sampled_direction(src, tgt, trajs, layers=layers, window=window, seed=seed,
+                                               progress=progress)
+        return r, sampled_table
+
+    from waitlens.probes.parallel import map_fork
+
+    data_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun: the ranks share the work
+    done = map_fork(direction, pairs, 1 if data_parallel else workers)
+    result = None
+    for r, _ in done:
         result = r if result is None else result.concat(r)
         cost = r.info["cost"]
         if r.info["rank"] == 0:
@@ -117,8 +132,7 @@ def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Traje
     if result.info["rank"] != 0:
         return summary  # data-parallel: rank 0 writes
     if sampled:
-        summary["sampled"], sampled_table, sampled_effects = _sampled(pairs, trajs, layers=layers, window=window,
-                                                                      n_boot=n_boot, seed=seed, progress=progress)
+        summary["sampled"], sampled_table, sampled_effects = _sampled([t for _, t in done], n_boot=n_boot, seed=seed)
     stage = _Staging(out)
     try:
         table.to_csv(stage.path("patch_rows.csv.gz"), index=False)
@@ -149,24 +163,31 @@ def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Traje
     return summary
 
 
-def _sampled(pairs, trajs, *, layers, window, n_boot, seed, progress):
-    """Greedy continuations after each patched wait that follows a slip (organism truth only):
-    does the patched model write the corrected value? (summary, rows, effects)."""
-    import pandas as pd
-
+def _sampled_direction(src, tgt, trajs, *, layers, window, seed, progress):
+    """One direction's greedy continuations after each patched wait that follows a slip
+    (organism truth only), or the reason there are none (a string)."""
     from waitlens.experiments.organism.metrics import sampled_corrections
     from waitlens.hooks.patch_cases import parse_window
-    from waitlens.probes.patching import summarize_sampled
 
     lo, _ = parse_window(window)
-    tables = []
-    for src, tgt in pairs:
-        try:
-            tables.append(sampled_corrections(src, tgt, trajs, layers=None if layers == "all" else layers,
-                                              rel_positions=tuple(range(lo, 1)), seed=seed, progress=progress))
-        except ValueError as e:  # no organism truth, or no wait after a slip: nothing to sample
-            print(f"sampled corrections: {e}; skipped")
-            return f"skipped: {e}", None, None
+    try:
+        return sampled_corrections(src, tgt, trajs, layers=None if layers == "all" else layers,
+                                   rel_positions=tuple(range(lo, 1)), seed=seed, progress=progress)
+    except ValueError as e:  # no organism truth, or no wait after a slip: nothing to sample
+        return str(e)
+
+
+def _sampled(tables, *, n_boot, seed):
+    """Does the patched model write the corrected value? (summary, rows, effects) from each
+    direction's `_sampled_direction`; the first direction with nothing to sample skips all."""
+    import pandas as pd
+
+    from waitlens.probes.patching import summarize_sampled
+
+    for t in tables:
+        if isinstance(t, str):
+            print(f"sampled corrections: {t}; skipped")
+            return f"skipped: {t}", None, None
     table = pd.concat(tables, ignore_index=True)
     effects = summarize_sampled(table, n_boot=n_boot, seed=seed)
     return f"{int((table['control'] == 'clean').sum())} waits after slips per direction", table, effects

@@ -308,3 +308,31 @@ def test_organism_numbers_unchanged_and_hooks_know_no_organism():
         assert not grammar.search(f.read_text()), f"{f.name} holds the organism's grammar"
     for f in sorted(hooks_dir.glob("*.py")):  # hooks/ knows no task, and does not even name one
         assert "organism" not in f.read_text().lower(), f.name
+
+
+@pytest.mark.slow
+def test_patch_to_dir_directions_in_two_workers_equal_one_process(tmp_path):
+    """The study's patching stage runs its two directions (each with its sampled continuations)
+    in two forked workers on one torch thread each: every table it writes is byte-identical to
+    one process running both directions on two threads, as the stage did before."""
+    import gzip
+
+    from waitlens.experiments.analyses.patch import patch_to_dir
+    from waitlens.experiments.organism.sample import sample
+
+    sft, post = load_model("organism:sft-1k", device="cpu"), load_model("organism:post-large", device="cpu")
+    ts = [t for t in sample(sft, 40, seed=1, progress=False) if " wait " in f" {t.reasoning} "]
+    ts = sorted(ts, key=lambda t: not any(w.get("after_slip") for w in t.extra["truth"]["waits"]))[:2]
+    kw = dict(layers="all", window="-2:4", metrics=ORG, attribution=True, sampled=True, n_boot=20, progress=False)
+    torch.set_num_threads(2)
+    quiet(patch_to_dir, post, sft, ts, tmp_path / "one", workers=1, **kw)
+    torch.set_num_threads(1)
+    quiet(patch_to_dir, post, sft, ts, tmp_path / "two", workers=2, **kw)
+    names = ["patch_effects.csv", "wait_vs_random.csv", "attribution.csv", "sampled_rows.csv", "sampled_effects.csv"]
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    rows = [gzip.decompress((tmp_path / d / "patch_rows.csv.gz").read_bytes()) for d in ("one", "two")]
+    assert rows[0] == rows[1] and rows[0].count(b"\n") > 100
+    assert (tmp_path / "one" / "sampled_rows.csv").read_text().count("\n") > 10
+    info = [json.loads((tmp_path / d / "patch_manifest.json").read_text())["info"] for d in ("one", "two")]
+    assert info[0]["directions"] == info[1]["directions"] and len(info[0]["directions"]) == 2

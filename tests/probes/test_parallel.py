@@ -51,3 +51,13 @@ def test_fit_stores_in_two_processes_equals_one_process(tmp_path):
             np.testing.assert_array_equal(a.directions[w], b.directions[w])
             np.testing.assert_array_equal(a.fold_coef[w], b.fold_coef[w])
     assert one[2].table["auroc"].max() > one[0].table["auroc"].max()  # three different fits
+
+
+def test_map_fork_runs_unpicklable_functions_on_inherited_objects():
+    """Workers inherit the function and the items (a closure over an object that cannot be
+    pickled); only the results come back."""
+    import threading
+
+    lock = threading.Lock()  # cannot be pickled
+    items = [(lock, k) for k in range(5)]
+    assert map_fork(lambda it: it[1] + 1 if it[0] is lock else None, items, workers=2) == [1, 2, 3, 4, 5]
