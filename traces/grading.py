@@ -8,6 +8,7 @@ write it differently from predictions: GSM8K's worked solution ending ``#### 18`
 
 from __future__ import annotations
 
+import functools
 import re
 
 _WS = re.compile(r"\s+")
@@ -61,12 +62,21 @@ def _math_verify(answer: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     try:
-        gold_parsed = parse(gold if "\\boxed" in gold or "$" in gold else f"$\\boxed{{{gold}}}$") or parse(gold)
+        gold_parsed = _parse_gold(gold)
         if not gold_parsed:
             return False
         return any(verify(gold_parsed, a) for a in _answer_readings(answer, parse) if a)
     except Exception:  # math-verify raises on unparsable input; that is simply "not equal"
         return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list:
+    """math-verify's reading of a gold answer, parsed once per gold (models graded on the same
+    problems share it; verify only reads it)."""
+    from math_verify import parse
+
+    return parse(gold if "\\boxed" in gold or "$" in gold else f"$\\boxed{{{gold}}}$") or parse(gold)
 
 
 def _answer_readings(answer: str, parse):

@@ -140,3 +140,16 @@ def test_reasoning_never_contains_close_marker_generic():
     text = "a </think> b </think> c"
     p = parse_completion(text, "r1")
     assert p.reasoning == "a" and not re.search("</think>", p.reasoning)
+
+
+def test_a_gold_is_parsed_once_for_every_answer_graded_against_it(monkeypatch):
+    import math_verify
+
+    import waitlens.traces.grading as G
+
+    calls = []
+    real = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", lambda s, *a, **k: calls.append(s) or real(s, *a, **k))
+    G._parse_gold.cache_clear()
+    assert [grade(a, "\\frac{3}{4}") for a in ("0.75", "3/4", "\\dfrac{3}{4}", "0.7")] == [True, True, True, False]
+    assert calls.count("$\\boxed{\\frac{3}{4}}$") == 1  # not once per answer
