@@ -39,6 +39,20 @@ def root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def clean_run(root, tmp_path_factory):
+    """One uninterrupted run of `_raw(root)` (its run directory, stdout and stderr), shared by
+    the tests that compare with it, rerun a copy of it, or read its log."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        run_dir = run_study(parse_config(_raw(root), source="cfg.toml"), study_stages(),
+                            runs_root=tmp_path_factory.mktemp("clean"), quiet=True)
+    return run_dir, out.getvalue(), err.getvalue()
+
+
 def _raw(root: Path, **over) -> dict:
     raw = {
         "name": "tiny", "seed": 0, "device": "cpu", "lexicon": ["wait", "so", "therefore", "hmm"],
@@ -86,7 +100,7 @@ def test_2_lock_refuses_a_second_holder(tmp_path):
 
 
 @pytest.mark.slow
-def test_2_two_concurrent_runs_second_exits_2_first_equals_uninterrupted(root, tmp_path):
+def test_2_two_concurrent_runs_second_exits_2_first_equals_uninterrupted(root, clean_run, tmp_path):
     """Two `waitlens run` on one run dir: the second exits 2 with 'in use by pid N' and changes
     nothing; the first completes and its tables equal an uninterrupted run's."""
     cfg_file = tmp_path / "par.toml"
@@ -116,8 +130,7 @@ def test_2_two_concurrent_runs_second_exits_2_first_equals_uninterrupted(root, t
     assert after == before, "the second run changed nothing"
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
-    clean = run_study(parse_config(raw, source="par.toml"), study_stages(), runs_root=tmp_path / "clean", quiet=True)
-    a, b = _tables(clean), _tables(runs / "tiny")
+    a, b = _tables(clean_run[0]), _tables(runs / "tiny")  # the same config, uninterrupted
     assert a.keys() == b.keys() and "probes/probe_results.csv" in a
     for name in a:
         pd.testing.assert_frame_equal(a[name], b[name], obj=name)
@@ -252,9 +265,11 @@ def test_7_layer_out_of_range_is_found_before_any_stage(root, tmp_path):
     assert not (tmp_path / "tiny").exists()
 
 
-def test_7_a_changed_section_key_reruns_its_stage_and_keeps_the_others(root, tmp_path):
-    cfg = parse_config(_raw(root), source="cfg.toml")
-    run_dir = run_study(cfg, study_stages(), runs_root=tmp_path, quiet=True)
+def test_7_a_changed_section_key_reruns_its_stage_and_keeps_the_others(root, clean_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(clean_run[0], run_dir)  # a finished run of _raw(root), as run_study left it
     kept = {p: p.stat().st_mtime_ns for p in (run_dir / "capture").rglob("*.safetensors")}
     probes = (run_dir / "probes" / "probe_results.csv").stat().st_mtime_ns
     fixed = parse_config(_raw(root, probes={"folds": 2, "n_boot": 20, "words": ["all"], "transfer": False}),
@@ -349,7 +364,7 @@ def _cli(*args, cwd=None):
 
 
 @pytest.mark.slow
-def test_9_bad_inputs_are_one_line_exit_2(tmp_path, tiny_qwen_dir):
+def test_9_bad_inputs_are_one_line_exit_2(tmp_path, tiny_qwen_dir, capfd):
     import shutil
 
     save_trajectories([tiny_trajectory(i) for i in range(2)], tmp_path / "t.jsonl")
@@ -369,12 +384,19 @@ def test_9_bad_inputs_are_one_line_exit_2(tmp_path, tiny_qwen_dir):
         "--out under a file": (["capture", "--model", str(tiny_qwen_dir), "--trajectories", str(tmp_path / "t.jsonl"),
                                 "--out", str(tmp_path / "afile" / "o"), "--device", "cpu", "--quiet"], "Not a directory"),
     }
-    for what, (args, expect) in cases.items():
-        r = _cli(*args)
-        assert r.returncode == 2, (what, r.stderr)
-        last = r.stderr.strip().splitlines()[-1]  # (transformers' own progress bars may come first)
-        assert "Traceback" not in r.stderr and last.startswith("waitlens capture: error: "), (what, r.stderr)
-        assert expect in last, (what, r.stderr)
+    from waitlens.experiments.cli import main
+
+    for i, (what, (args, expect)) in enumerate(cases.items()):
+        if i == 0:  # the installed command, in its own process
+            r = _cli(*args)
+            rc, err = r.returncode, r.stderr
+        else:  # the same entry point in this process (a process start costs ~5 s of imports)
+            rc = main(args)
+            err = capfd.readouterr().err
+        assert rc == 2, (what, err)
+        last = err.strip().splitlines()[-1]  # (transformers' own progress bars may come first)
+        assert "Traceback" not in err and last.startswith("waitlens capture: error: "), (what, err)
+        assert expect in last, (what, err)
 
 
 def test_9_a_bug_is_a_traceback_and_debug_shows_one(monkeypatch, capsys):
@@ -454,18 +476,16 @@ def test_11_bit_flipped_shipped_weights_are_refused(tmp_path, monkeypatch):
     registry.resolve("sft-1k")  # the real shipped weights match shipped.json
 
 
-def test_11_files_follow_the_umask_and_logs_name_final_paths(root, tmp_path, capsys):
+def test_11_files_follow_the_umask_and_logs_name_final_paths(clean_run, tmp_path):
     old = os.umask(0o022)
     try:
         save_trajectories(_trajectories(1), tmp_path / "t.jsonl")
     finally:
         os.umask(old)
     assert (tmp_path / "t.jsonl").stat().st_mode & 0o777 == 0o644
-    cfg = parse_config(_raw(root), source="cfg.toml")
-    run_dir = run_study(cfg, study_stages(), runs_root=tmp_path / "runs", quiet=True)
-    out = capsys.readouterr()
-    assert str(run_dir / "probes" / "probe_results.csv") in out.out
-    assert ".partial" not in out.out + out.err
+    run_dir, out, err = clean_run
+    assert str(run_dir / "probes" / "probe_results.csv") in out
+    assert ".partial" not in out + err
 
 
 def test_every_atomic_writer_gives_the_umask_permissions(tmp_path):
