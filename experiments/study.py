@@ -93,6 +93,7 @@ def split_by_model(trajs: list[Trajectory], models: dict[str, str], source: str 
 def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.problems import load_problems
     from waitlens.hooks.generate import generate_trajectories
+    from waitlens.probes.parallel import map_fork
 
     t = ctx.cfg.trajectories
     per_model = model_trajectories(ctx.cfg)
@@ -105,9 +106,11 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
             save_trajectories(by_model[name][: t.limit or None], out / f"{name}.jsonl")
         return {"source": str(t.path), "n": len(trajs)}
     problems = load_problems(t, ctx.cfg.seed)
-    summary = {}
-    for name in t.from_models or list(ctx.cfg.models):
-        model = _sampler(ctx, name)
+    names = t.from_models or list(ctx.cfg.models)
+    samplers = {name: _sampler(ctx, name) for name in names}  # loaded here, inherited by the workers
+
+    def sample(name):
+        model = samplers[name]
         ctx.log(f"trajectories: sampling {len(problems)} x {t.n_per_problem} from {name}")
         trajs = generate_trajectories(model, problems, t.n_per_problem, temperature=t.temperature, top_p=t.top_p,
                                       max_new_tokens=t.max_new_tokens, seed=ctx.cfg.seed, model_name=name,
@@ -117,9 +120,24 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
             _add_organism_truth(trajs)
         for tr in trajs:
             tr.id = f"{name}/{tr.id}"  # unique across models in the pooled set
+        return trajs
+
+    # each model samples on its own (its batches seed themselves), so one worker per model with
+    # one torch thread samples what one process samples (vLLM engines stay in this process)
+    summary = {}
+    for name, trajs in zip(names, map_fork(sample, names, _workers(ctx) if t.engine == "hf" else 1), strict=True):
         save_trajectories(trajs, out / f"{name}.jsonl")
         summary[name] = {"n": len(trajs), "accuracy": sum(bool(x.correct) for x in trajs) / max(len(trajs), 1)}
     return summary
+
+
+def _workers(ctx: RunContext) -> int:
+    """Worker processes for a stage's independent work, each on one torch thread: up to two per
+    core, so that three models on two cores share both to the end rather than finishing two
+    and then one (none on a GPU: a forked child cannot use CUDA)."""
+    from waitlens.probes.parallel import available_cores
+
+    return 1 if str(ctx.cfg.device).startswith("cuda") else 2 * available_cores()
 
 
 def _import_trajectories(ctx: RunContext, per_model: dict, out: Path) -> dict[str, Any]:
@@ -231,7 +249,7 @@ def stage_tokens(ctx: RunContext, out: Path) -> dict[str, Any]:
     try:
         return tokens_to_dir(runs, out, lexicon=ctx.cfg.lexicon, min_count=ctx.cfg.tokens.min_count,
                              n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed, progress=not ctx.quiet,
-                             compare=ctx.cfg.tokens.compare or None)
+                             compare=ctx.cfg.tokens.compare or None, workers=_workers(ctx))
     except InsufficientDataError as e:
         raise StageSkipped(str(e)) from None
 
@@ -245,14 +263,14 @@ def stage_answers(ctx: RunContext, out: Path) -> dict[str, Any]:
     runs = [(name, ctx.model(name), own_trajectories(ctx, name)[: a.max_trajectories]) for name in ctx.cfg.models]
     return answers_to_dir(runs, out, lexicon=ctx.cfg.lexicon, k=a.window, every=a.every, delta=a.jump,
                           min_confidence=a.confidence, n_boot=ctx.cfg.tokens.n_boot, seed=ctx.cfg.seed,
-                          progress=not ctx.quiet)
+                          progress=not ctx.quiet, workers=_workers(ctx))
 
 
 def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
     from functools import partial
 
     from waitlens.experiments.analyses.probe import probe_to_dir
-    from waitlens.probes.parallel import available_cores, map_fork
+    from waitlens.probes.parallel import map_fork
 
     _need_weights(ctx)
 
@@ -274,7 +292,7 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
     tasks = [("probe", path) for path in stores] + [("fact", *t) for t in facts]
     try:
         fits = map_fork(partial(_probe_fit, words=list(p.words), folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed),
-                        tasks, available_cores())
+                        tasks, _workers(ctx))
         summary = probe_to_dir(stores, out, words=p.words, folds=p.folds, n_boot=p.n_boot, seed=ctx.cfg.seed,
                                transfer=p.transfer and len(stores) > 1, ceilings=ceilings,
                                results=fits[: len(stores)])
@@ -379,7 +397,6 @@ def _fact_probes(ctx: RunContext, keys: list[tuple[Path, str]], fits: list[Any],
 
 def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
     from waitlens.experiments.analyses.patch import patch_to_dir
-    from waitlens.probes.parallel import available_cores
 
     _need_weights(ctx)
 
@@ -396,7 +413,7 @@ def stage_patching(ctx: RunContext, out: Path) -> dict[str, Any]:
                         control=p.controls, attribution=p.attribution, sampled=p.sampled,
                         n_boot=ctx.cfg.tokens.n_boot,
                         seed=ctx.cfg.seed, progress=not ctx.quiet,
-                        manifest={"source": p.source, "target": p.target}, workers=available_cores())
+                        manifest={"source": p.source, "target": p.target}, workers=_workers(ctx))
 
 
 def _has_word(t: Trajectory, word: str) -> bool:

@@ -7,7 +7,8 @@ results travel back, pickled, in the order of `items`. An exception in a worker 
 Each worker runs torch on one thread: work that pins torch to one thread itself (the probes'
 ``threads=1``) computes there exactly what it computes here, the same operations on the same
 inputs in the same order; for other work, the caller checks that the thread count does not
-change its results. Without fork, or with one worker or one item, everything runs here.
+change its results. Without fork, with CUDA initialized (a forked child cannot use it), or with
+one worker or one item, everything runs here.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _cuda_initialized() -> bool:
+    import torch
+
+    return torch.cuda.is_initialized()
+
+
 def _run(key: int, i: int) -> Any:
     fn, items = _JOBS[key]
     return fn(items[i])
@@ -46,7 +53,7 @@ def map_fork(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1) -
     """``[fn(x) for x in items]``, in up to `workers` forked processes (module doc)."""
     items = list(items)
     n = min(int(workers), len(items))
-    if n <= 1 or "fork" not in mp.get_all_start_methods():
+    if n <= 1 or "fork" not in mp.get_all_start_methods() or _cuda_initialized():
         return [fn(x) for x in items]
     from concurrent.futures import ProcessPoolExecutor
 

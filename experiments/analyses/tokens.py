@@ -144,13 +144,15 @@ def _write_json(path, obj) -> None:
 
 
 def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1000, seed=0, top=15,
-                  progress=True, compare: Sequence[Sequence[str]] | None = None) -> dict:
+                  progress=True, compare: Sequence[Sequence[str]] | None = None, workers: int = 1) -> dict:
     """Token tables and the wait distribution for each (name, model, trajectories) in `runs`,
     written into `out`; returns a summary per model (the word's rank, AUROC and q).
 
     compare: groups of names whose token tables are compared (models that share problems,
     e.g. three training variants on the same 30 AIME problems); default: all models, one group.
-    A model without weights is counted from its tokenization (probability columns blank)."""
+    A model without weights is counted from its tokenization (probability columns blank).
+    workers: the models' forwards (token log-probs) run in up to this many forked processes on
+    one torch thread each (`probes.parallel.map_fork`)."""
     from pathlib import Path
 
     import pandas as pd
@@ -175,10 +177,16 @@ def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1
         lex = Lexicon([*lex.words, word])
     tables, occs, trajs_by, waits, summaries = {}, {}, {}, [], {}
     md = []
-    for spec, model, trajs in runs:
+    from waitlens.probes.parallel import map_fork
+
+    weighted = [run for run in runs if has_weights(run[1])]
+    forwards = map_fork(lambda run: token_occurrences(run[1], run[2], lex, progress=progress), weighted, workers)
+    scored = {id(run): occ for run, occ in zip(weighted, forwards, strict=True)}
+    for run in runs:
+        spec, model, trajs = run
         counted = None
         if has_weights(model):
-            occ = token_occurrences(model, trajs, lex, progress=progress)
+            occ = scored[id(run)]
         else:
             occ, counted = count_occurrences(model, trajs, lex, progress=progress)
         tt = token_table(occ, trajs, model=spec, lexicon=lex.words, min_count=min_count,
@@ -247,9 +255,12 @@ def _pairwise(compare, by_model: dict, **kw) -> list[dict]:
 
 
 def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, every=4, delta=0.3,
-                   min_confidence=0.5, max_answer_tokens=None, n_boot=1000, seed=0, progress=True) -> dict:
+                   min_confidence=0.5, max_answer_tokens=None, n_boot=1000, seed=0, progress=True,
+                   workers: int = 1) -> dict:
     """Forced-answer curves, transitions and wait alignment for each (name, model, trajectories)
-    in `runs`, written into `out`; returns the alignment summary per model."""
+    in `runs`, written into `out`; returns the alignment summary per model. workers: the models'
+    forced-answer curves run in up to this many forked processes on one torch thread each
+    (`probes.parallel.map_fork`)."""
     import warnings
     from pathlib import Path
 
@@ -275,23 +286,30 @@ def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, ev
     lex = Lexicon.parse(lexicon)
     word = word.lower()
     all_curves, all_tr, summaries, events, around, truth_rates = [], [], {}, {}, {}, {}
-    for spec, model, trajs in runs:
+    for _, model, _ in runs:
         forcing_suffix(model, suffix)  # a clear error before any work
+
+    def positions_and_curves(run):
+        _, model, trajs = run
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             disc = find_positions(model, trajs, lex)
         waits = disc.select([word])
-        if len(waits) == 0:
-            print(f"{spec}: no {word!r} in any trajectory: curves only, alignment undefined")
-            controls = waits
-        else:
-            controls = control_positions(model, trajs, waits, seed=seed)
+        controls = waits if len(waits) == 0 else control_positions(model, trajs, waits, seed=seed)
         centres: dict[str, list[int]] = {}
         for t in (disc.table, controls.table):
             for tid, ti in zip(t["trajectory_id"], t["token_index"], strict=True):
                 centres.setdefault(tid, []).append(int(ti))
         curves = answer_curves(model, trajs, centres, k=k, every=every, suffix=suffix,
                                max_answer_tokens=max_answer_tokens, progress=progress)
+        return waits, controls, curves
+
+    from waitlens.probes.parallel import map_fork
+
+    for (spec, _, trajs), (waits, controls, curves) in zip(runs, map_fork(positions_and_curves, runs, workers),
+                                                             strict=True):
+        if len(waits) == 0:
+            print(f"{spec}: no {word!r} in any trajectory: curves only, alignment undefined")
         curves.insert(0, "model", spec)
         tr = find_transitions(curves, delta=delta)
         tr.insert(0, "model", spec)

@@ -61,3 +61,35 @@ def test_map_fork_runs_unpicklable_functions_on_inherited_objects():
     lock = threading.Lock()  # cannot be pickled
     items = [(lock, k) for k in range(5)]
     assert map_fork(lambda it: it[1] + 1 if it[0] is lock else None, items, workers=2) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_tokens_and_answers_in_two_workers_equal_one_process(tmp_path):
+    """The tokens and answers stages run each model's forwards in a forked worker on one torch
+    thread: every file they write is byte-identical to one process on two threads."""
+    import warnings
+
+    from waitlens import load_model, sample_organism
+    from waitlens.experiments.analyses.tokens import answers_to_dir, tokens_to_dir
+
+    runs = []
+    for spec in ("organism:sft-1k", "organism:post-large"):
+        model = load_model(spec)
+        runs.append((spec.split(":")[1], model, sample_organism(model, 24, seed=2, progress=False)))
+    old = torch.get_num_threads()
+    outs = {}
+    try:
+        for workers, threads in ((1, 2), (2, 1)):
+            torch.set_num_threads(threads)
+            d = tmp_path / f"w{workers}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tokens_to_dir(runs, d / "tokens", min_count=2, n_boot=50, progress=False, workers=workers)
+                answers_to_dir(runs, d / "answers", k=4, every=4, n_boot=50, progress=False, workers=workers)
+            outs[workers] = {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*.*sv"))
+                             if p.is_file()} | {p.relative_to(d).as_posix(): p.read_bytes()
+                                                for p in sorted(d.rglob("*.json"))}
+    finally:
+        torch.set_num_threads(old)
+    assert {"tokens/token_table.csv", "answers/answer_curves.csv", "answers/alignment.json"} <= set(outs[1])
+    assert outs[1] == outs[2]
