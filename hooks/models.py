@@ -16,6 +16,7 @@ entry-point group, so this layer never imports experiments/.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -355,18 +356,52 @@ def _load_hub(name: str, torch_dtype: torch.dtype, revision: str | None, **place
     return hf, tok
 
 
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` from a GGUF file's metadata (cheap: memory-mapped)."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from None
+def gguf_architecture(path: Path, reader=None) -> str:
+    """`general.architecture` from a GGUF file's metadata (memory-mapped; `reader`: a
+    `gguf.GGUFReader` of it already open)."""
+    if reader is None:
+        reader = _gguf_reader(path)
     fld = reader.fields.get("general.architecture")
     if fld is None:
         raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture")
     return bytes(fld.parts[fld.data[0]]).decode()
+
+
+def _gguf_reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+@contextlib.contextmanager
+def _one_gguf_parse(path: Path, reader):
+    """While converting `path`: transformers' three loads (config, tokenizer, weights) get
+    `reader`, the one parse of its metadata (~9 s of CPU each for SmolLM2's vocabulary), and
+    each (architecture, n_blocks) tensor-name map is built once, not once per module. Both are
+    read only, so the conversion's files are the same bytes."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    target, maps = os.path.realpath(path), {}
+
+    def reader_for(p, *args, **kwargs):
+        if not args and not kwargs and os.path.realpath(p) == target:
+            return reader
+        return real_reader(p, *args, **kwargs)
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = real_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader_for, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 _GGUF_KEYS: dict[tuple[str, int, int], str] = {}
@@ -400,7 +435,8 @@ def _gguf_to_dir(path: Path) -> Path:
         return target
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    arch = gguf_architecture(path)
+    reader = _gguf_reader(path)
+    arch = gguf_architecture(path, reader)
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"{path}: GGUF architecture {arch!r} is not supported by transformers' GGUF loader "
@@ -411,8 +447,9 @@ def _gguf_to_dir(path: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with _one_gguf_parse(path, reader):
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         # The weights are dequantized to fp32 on load; drop the GGUF marker so they save.
         hf.hf_quantizer = None
         if hasattr(hf.config, "quantization_config"):

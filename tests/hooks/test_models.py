@@ -178,3 +178,24 @@ def test_device_map_split_across_two_devices():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ModelLoadError, match="device_map must be"):
         load_model("organism:post-large", device_map=3)
+
+
+def test_a_gguf_conversion_parses_the_file_once(tmp_path):
+    """While converting, transformers' loads of that file get the one reader already open and
+    each tensor-name map is built once; any other file gets a reader of its own; gguf is as it
+    was afterwards."""
+    import gguf
+
+    from waitlens.hooks.models import _gguf_reader, _one_gguf_parse
+
+    f = write_gguf(tmp_path / "m.gguf", "llama")
+    other = write_gguf(tmp_path / "o.gguf", "qwen2")
+    real = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    reader = _gguf_reader(f)
+    with _one_gguf_parse(f, reader):
+        assert gguf.GGUFReader(str(tmp_path / "." / "m.gguf")) is reader
+        assert gguf.GGUFReader(str(other)) is not reader
+        first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not first
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == real
