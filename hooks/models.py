@@ -428,7 +428,7 @@ def gguf_cache_target(path: Path) -> Path:
 
 
 def _gguf_to_dir(path: Path) -> Path:
-    """Convert a GGUF file to a cached HF directory once (the conversion takes ~50 s). A cache
+    """Convert a GGUF file to a cached HF directory once (SmolLM2: ~13 s of CPU). A cache
     hit reads no GGUF metadata (parsing SmolLM2's 49k-token vocabulary costs ~7 s)."""
     target = gguf_cache_target(path)
     if (target / "config.json").is_file():

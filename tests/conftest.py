@@ -60,7 +60,7 @@ def tiny_model(tiny_qwen_dir):
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (fp32), loaded once per test process. The first load on a machine
-    converts the GGUF (~50 s) into the cache (hooks.models.cache_dir, keyed by the file's content:
+    converts the GGUF (~13 s of CPU) into the cache (hooks.models.cache_dir, keyed by the file's content:
     a fresh clone reuses it); under pytest-xdist the workers take a file lock first, so one
     converts and the others load its result."""
     from filelock import FileLock
