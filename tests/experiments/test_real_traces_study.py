@@ -45,3 +45,16 @@ def test_real_traces_study_full(tmp_path):
     assert by_model.loc["sky_correct5k", "n_correct"] == 9  # the file's own score: 9/30
     report = (run / "report" / "report.md").read_text()
     assert "wait_position.png" in report and all(name in report for name in models)
+    # counts only (what test_mini_real_study_counts_only checked on 40 records, now here): no
+    # probabilities without weights, the R1 files' unfinished traces dropped, each weightless
+    # model positioned on its own trajectories only (not the pooled set), the reason reported
+    assert {"model", "key", "auroc", "auroc_lo", "auroc_hi", "q", "direction"} <= set(table.columns)
+    assert table["prob_correct"].isna().all()
+    summary = m["trajectories"]["summary"]
+    assert summary["r1_1.5b"]["n"] == summary["r1_1.5b"]["finished"] == 469
+    assert summary["sky_correct5k"]["n"] == 30 > summary["sky_correct5k"]["finished"]  # unfinished = "keep"
+    for name in models:
+        own = set(pd.read_json(run / "trajectories" / f"{name}.jsonl", lines=True, dtype=False)["id"])
+        pos = pd.read_csv(run / "positions" / f"{name}.csv", keep_default_na=False, dtype={"trajectory_id": str})
+        assert len(pos) and set(pos["trajectory_id"]) <= own and all(i.startswith(f"{name}/") for i in own), name
+    assert "no model weights" in report
