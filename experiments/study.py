@@ -111,7 +111,6 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     def sample(name):
         model = samplers[name]
-        ctx.log(f"trajectories: sampling {len(problems)} x {t.n_per_problem} from {name}")
         trajs = generate_trajectories(model, problems, t.n_per_problem, temperature=t.temperature, top_p=t.top_p,
                                       max_new_tokens=t.max_new_tokens, seed=ctx.cfg.seed, model_name=name,
                                       progress=not ctx.quiet, force_answer=t.force_answer,
@@ -124,6 +123,8 @@ def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     # each model samples on its own (its batches seed themselves), so one worker per model with
     # one torch thread samples what one process samples (vLLM engines stay in this process)
+    for name in names:
+        ctx.log(f"trajectories: sampling {len(problems)} x {t.n_per_problem} from {name}")
     summary = {}
     for name, trajs in zip(names, map_fork(sample, names, _workers(ctx) if t.engine == "hf" else 1), strict=True):
         save_trajectories(trajs, out / f"{name}.jsonl")
