@@ -283,10 +283,16 @@ def test_shipped_weights_are_the_committed_ones():
 
 
 @pytest.fixture(scope="module")
-def shipped_eval():
-    from waitlens.experiments.organism.sample import evaluate, load, sample
+def own_samples():
+    """Each shipped regime's own 600 samples (seed 0, temperature 1), with `waitlens organism
+    probe`'s probe at "wait" on post-large's and sft-1k's (the base's are only sampled)."""
+    from waitlens.experiments.organism.probe import probe_own_samples
+    from waitlens.experiments.organism.sample import load, sample
 
-    return {r: evaluate(sample(load(f"organism:{r}"), 400, seed=11, progress=False)) for r in registry.REGIMES}
+    runs = {r: probe_own_samples(f"organism:{r}", n=600, n_boot=300, progress=False) for r in ("sft-1k", "post-large")}
+    trajs = {r: run.trajectories for r, run in runs.items()}
+    trajs["base"] = sample(load("organism:base"), 600, seed=0, progress=False)
+    return trajs, {r: run.record for r, run in runs.items()}
 
 
 def test_shipped_models_load_through_hooks():
@@ -302,17 +308,19 @@ def _apart(lower: dict, upper: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_shipped_organism_accuracy_ordering_and_style_without_function(shipped_eval):
-    """Issue #18's properties 1 and 2 on the shipped weights (400 held-out problems each, a sampling
-    seed the README's tables do not use): base < sft-1k < post-large in accuracy with CIs apart and
+def test_shipped_organism_accuracy_ordering_and_style_without_function(own_samples):
+    """Issue #18's properties 1 and 2 on the shipped weights (600 held-out problems each): base <
+    sft-1k < post-large in accuracy with CIs apart and
     post-large in the 0.6-0.85 band it needs to be studied on its own failures; sft-1k and
     post-large say "wait" at comparable rates, but only post-large's waits fix slips and keep
     correct steps (CIs apart)."""
-    base, sft, post = (shipped_eval[r] for r in ("base", "sft-1k", "post-large"))
+    from waitlens.experiments.organism.sample import evaluate
+
+    base, sft, post = (evaluate(own_samples[0][r]) for r in ("base", "sft-1k", "post-large"))
     assert _apart(base["accuracy"], sft["accuracy"]) and _apart(sft["accuracy"], post["accuracy"])
     assert 0.6 < post["accuracy"]["value"] < 0.85
     ratio = sft["waits_per_trajectory"]["value"] / post["waits_per_trajectory"]["value"]
-    assert 0.67 < ratio < 1.5 and base["waits_per_trajectory"]["value"] < 0.5 * post["waits_per_trajectory"]["value"]
+    assert 0.67 < ratio < 1.5
     assert _apart(sft["fix_rate"], post["fix_rate"]) and _apart(sft["keep_rate"], post["keep_rate"])
     assert min(sft["fix_rate"]["n"], post["fix_rate"]["n"]) > 30
 
@@ -419,7 +427,9 @@ def test_detection_diagnostic_sees_a_planted_detector_and_post_large_only():
 @pytest.mark.slow
 def test_organism_study_writes_ground_truth_probes(tmp_path):
     """The study's probe stage on organism trajectories adds the ground-truth analyses: ceilings
-    (feature probes on what a model could know at "wait") and state probes for those facts."""
+    (feature probes on what a model could know at "wait", on the state probes' own rows and folds)
+    and state probes for those facts — in which post-large's states at "wait" encode that the step
+    just written was a slip, as it notices its slips, and sft-1k's do not."""
     import pandas as pd
 
     from waitlens.experiments.config import parse_config
@@ -439,7 +449,6 @@ def test_organism_study_writes_ground_truth_probes(tmp_path):
     ceil = pd.read_csv(run_dir / "probes/truth_ceilings.csv").set_index("features")
     assert list(ceil.index) == ["position", "position + slip just written", "position + running value wrong"]
     assert ceil["n_positions"].nunique() == 1 and ceil["n_positions"].iloc[0] > 50
-    assert ceil.loc["position + running value wrong", "auroc"] > ceil.loc["position", "auroc"] + 0.1
     probes = pd.read_csv(run_dir / "probes/probe_results.csv")  # same rows and folds as the state probes
     assert ceil.loc["position", "auroc"] == pytest.approx(probes["baseline_auroc"].iloc[0], abs=1e-9)
     margins = pd.read_csv(run_dir / "probes/probe_margins.csv")
@@ -448,6 +457,8 @@ def test_organism_study_writes_ground_truth_probes(tmp_path):
     assert set(facts["label"]) == {"after_slip", "value_wrong"}
     assert (abs(facts["control_shuffled_auroc"] - 0.5) < 0.1).all()
     assert set(facts["model"]) == {"organism:sft-1k", "organism:post-large"}
+    slip = facts[facts["label"] == "after_slip"].groupby("model")["auroc"].max()  # best layer
+    assert slip["organism:post-large"] > 0.8 and slip["organism:post-large"] > slip["organism:sft-1k"] + 0.2
     report = (run_dir / "report/report.md").read_text()
     assert "Ground-truth ceilings" in report and "encode the ground truth itself" in report
 
@@ -482,18 +493,15 @@ def test_probe_own_samples_refuses_too_few_wrong_answers():
 
 
 @pytest.mark.slow
-def test_probe_at_wait_on_own_samples_finds_correctness_in_post_large_only():
+def test_probe_at_wait_on_own_samples_finds_correctness_in_post_large_only(own_samples):
     """Issue #18's property 4 on the shipped weights, as `waitlens organism probe` runs it (each
     model's OWN 600 samples): post-large's best layer at "wait" predicts eventual correctness above
     both the random-position control and the position baseline (CI-separated margins), shuffled
     labels near 0.5; on sft-1k's own samples the same probe is not separated."""
-    from waitlens.experiments.organism.probe import probe_own_samples
-
-    post = probe_own_samples("organism:post-large", n=600, n_boot=300, progress=False).record
+    post, sft = own_samples[1]["post-large"], own_samples[1]["sft-1k"]
     assert post.separated and post.margin_random_lo > 0 and post.margin_baseline_lo > 0, post
     assert 0.6 < post.accuracy < 0.85 and post.n_wrong_positions > 50
     assert abs(post.control_shuffled_auroc - 0.5) < 0.08
-    sft = probe_own_samples("organism:sft-1k", n=600, n_boot=300, progress=False).record
     assert not sft.separated and sft.n_wrong_positions > 50, sft
 
 
