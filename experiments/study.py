@@ -312,12 +312,12 @@ def _probe_fit(task: tuple, *, words: list[str], folds: int, n_boot: int, seed: 
     at "wait" (`_fact_probes`), or the reason it could not be fitted (a string)."""
     import numpy as np
 
+    from waitlens.experiments.analyses.probe import fit_stores
     from waitlens.hooks.store import ActivationStore
     from waitlens.probes.linear import fit_layer_probes
 
-    if task[0] == "probe":
-        return fit_layer_probes(ActivationStore(task[1]), words=words, n_folds=folds, n_inner=3, controls=True,
-                                n_boot=n_boot, seed=seed, threads=1)
+    if task[0] == "probe":  # probe_to_dir's own fit of the store, here in this worker
+        return fit_stores([ActivationStore(task[1])], words=words, folds=folds, n_boot=n_boot, seed=seed)[0]
     _, path, meta, fact = task
     store = ActivationStore(path)
     rows = np.flatnonzero((meta["word"] == "wait").to_numpy() & meta["after_slip"].notna().to_numpy())
