@@ -91,9 +91,9 @@ def split_by_model(trajs: list[Trajectory], models: dict[str, str], source: str 
 
 # -- stages ------------------------------------------------------------------------------------
 def stage_trajectories(ctx: RunContext, out: Path) -> dict[str, Any]:
+    from waitlens.experiments.parallel import map_fork
     from waitlens.experiments.problems import load_problems
     from waitlens.hooks.generate import generate_trajectories
-    from waitlens.probes.parallel import map_fork
 
     t = ctx.cfg.trajectories
     per_model = model_trajectories(ctx.cfg)
@@ -136,7 +136,7 @@ def _workers(ctx: RunContext) -> int:
     """Worker processes for a stage's independent work, each on one torch thread: up to two per
     core, so that three models on two cores share both to the end rather than finishing two
     and then one (none on a GPU: a forked child cannot use CUDA)."""
-    from waitlens.probes.parallel import available_cores
+    from waitlens.experiments.parallel import available_cores
 
     return 1 if str(ctx.cfg.device).startswith("cuda") else 2 * available_cores()
 
@@ -271,7 +271,7 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
     from functools import partial
 
     from waitlens.experiments.analyses.probe import probe_to_dir
-    from waitlens.probes.parallel import map_fork
+    from waitlens.experiments.parallel import map_fork
 
     _need_weights(ctx)
 
@@ -280,9 +280,10 @@ def stage_probes(ctx: RunContext, out: Path) -> dict[str, Any]:
     pooled = pooled_trajectories(ctx)
     truth = None
     if pooled and all("truth" in t.extra for t in pooled):  # the organism: what the states could know
+        from waitlens.experiments.organism.wait_truth import add_wait_truth
         from waitlens.hooks.store import ActivationStore
 
-        truth = dict(zip(stores, _wait_truth([ActivationStore(s).metadata for s in stores], pooled), strict=True))
+        truth = {s: add_wait_truth(ActivationStore(s).metadata, pooled) for s in stores}
     ground: dict[str, Any] = {}
     ceilings = None if truth is None else _truth_ceilings(ctx, truth[stores[0]], out, ground)
     # every probe fit (each store's, then each store's ground-truth facts') is independent and
@@ -333,13 +334,6 @@ def _probe_fit(task: tuple, *, words: list[str], folds: int, n_boot: int, seed: 
                    "baseline_auroc"]].assign(label=fact)
     t["layer"] = np.asarray(store.layers)[t["layer"].to_numpy()]  # store layer numbers
     return t
-
-
-def _wait_truth(metas: list[Any], pooled: list[Trajectory]) -> list[Any]:
-    """`organism.wait_truth.add_wait_truth(meta, pooled)` for each metadata table."""
-    from waitlens.experiments.organism.wait_truth import add_wait_truth
-
-    return [add_wait_truth(meta, pooled) for meta in metas]
 
 
 def _truth_ceilings(ctx: RunContext, meta, out: Path, summary: dict[str, Any]):

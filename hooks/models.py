@@ -23,6 +23,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import entry_points
@@ -376,32 +377,37 @@ def _gguf_reader(path: Path):
         raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from None
 
 
+_GGUF_SWAP = threading.Lock()
+
+
 @contextlib.contextmanager
 def _one_gguf_parse(path: Path, reader):
     """While converting `path`: transformers' three loads (config, tokenizer, weights) get
     `reader`, the one parse of its metadata (~9 s of CPU each for SmolLM2's vocabulary), and
     each (architecture, n_blocks) tensor-name map is built once, not once per module. Both are
-    read only, so the conversion's files are the same bytes."""
+    read only, so the conversion's files are the same bytes. The swap is of module globals,
+    so conversions in threads of one process take turns (the file lock covers processes)."""
     import gguf
 
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    target, maps = os.path.realpath(path), {}
+    with _GGUF_SWAP:
+        real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        target, maps = os.path.realpath(path), {}
 
-    def reader_for(p, *args, **kwargs):
-        if not args and not kwargs and os.path.realpath(p) == target:
-            return reader
-        return real_reader(p, *args, **kwargs)
+        def reader_for(p, *args, **kwargs):
+            if not args and not kwargs and os.path.realpath(p) == target:
+                return reader
+            return real_reader(p, *args, **kwargs)
 
-    def name_map(arch, n_blocks):
-        if (arch, n_blocks) not in maps:
-            maps[arch, n_blocks] = real_map(arch, n_blocks)
-        return maps[arch, n_blocks]
+        def name_map(arch, n_blocks):
+            if (arch, n_blocks) not in maps:
+                maps[arch, n_blocks] = real_map(arch, n_blocks)
+            return maps[arch, n_blocks]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader_for, name_map
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_for, name_map
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 _GGUF_KEYS: dict[tuple[str, int, int], str] = {}

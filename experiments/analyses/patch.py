@@ -80,7 +80,7 @@ def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Traje
     max_batch_tokens: `hooks.patching.patch`'s (None: one case at a time). Under torchrun every
     rank patches its share of the trajectories; rank 0 writes `out` and prints, the others
     return the summary only. workers: the two directions (each with its sampled continuations)
-    run in up to this many forked processes on one torch thread each (`probes.parallel.map_fork`;
+    run in up to this many forked processes on one torch thread each (`experiments.parallel.map_fork`;
     one process under torchrun).
     """
     from waitlens.experiments.plots import save_figure
@@ -109,7 +109,7 @@ def patch_to_dir(source: LoadedModel, target: LoadedModel, trajs: Sequence[Traje
                                                progress=progress)
         return r, sampled_table
 
-    from waitlens.probes.parallel import map_fork
+    from waitlens.experiments.parallel import map_fork
 
     data_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun: the ranks share the work
     done = map_fork(direction, pairs, 1 if data_parallel else workers)

@@ -13,7 +13,7 @@ def probe_to_dir(stores, out, *, words=("wait",), layers=None, model=None, allow
     ceilings: `probes.feature_probes` rows to draw in the AUROC-by-layer figure (the organism's
     ground-truth ceilings), if any. results: the stores' `fit_layer_probes` results, if the caller
     fitted them already (with these settings); else each store is fitted here, in up to `workers`
-    processes (`probes.parallel.map_fork`: the same results as one process at threads=1).
+    processes (`experiments.parallel.map_fork`: the same results as one process at threads=1).
 
     Returns a summary: per model and word, the best layer and its AUROC.
     """
@@ -85,8 +85,8 @@ def fit_stores(stores, *, words=("wait",), layers=None, model=None, allow_mixed=
     """`fit_layer_probes` on each store (probe_to_dir's settings), in up to `workers` processes."""
     from functools import partial
 
+    from waitlens.experiments.parallel import map_fork
     from waitlens.probes.linear import fit_layer_probes
-    from waitlens.probes.parallel import map_fork
 
     fit = partial(fit_layer_probes, words=list(words), layers=layers, model=model, allow_mixed=allow_mixed,
                   n_folds=folds, n_inner=inner_folds, controls=controls, n_boot=n_boot, seed=seed, threads=threads)

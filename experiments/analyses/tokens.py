@@ -152,7 +152,7 @@ def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1
     e.g. three training variants on the same 30 AIME problems); default: all models, one group.
     A model without weights is counted from its tokenization (probability columns blank).
     workers: the models' forwards (token log-probs) run in up to this many forked processes on
-    one torch thread each (`probes.parallel.map_fork`)."""
+    one torch thread each (`experiments.parallel.map_fork`)."""
     from pathlib import Path
 
     import pandas as pd
@@ -177,16 +177,16 @@ def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1
         lex = Lexicon([*lex.words, word])
     tables, occs, trajs_by, waits, summaries = {}, {}, {}, [], {}
     md = []
-    from waitlens.probes.parallel import map_fork
+    from waitlens.experiments.parallel import map_fork
 
-    weighted = [run for run in runs if has_weights(run[1])]
-    forwards = map_fork(lambda run: token_occurrences(run[1], run[2], lex, progress=progress), weighted, workers)
-    scored = {id(run): occ for run, occ in zip(weighted, forwards, strict=True)}
-    for run in runs:
-        spec, model, trajs = run
+    weighted = [has_weights(model) for _, model, _ in runs]
+    # the weighted runs' forwards in workers; each result is taken back in the runs' order
+    forwards = iter(map_fork(lambda run: token_occurrences(run[1], run[2], lex, progress=progress),
+                             [run for run, w in zip(runs, weighted, strict=True) if w], workers))
+    for (spec, model, trajs), has_w in zip(runs, weighted, strict=True):
         counted = None
-        if has_weights(model):
-            occ = scored[id(run)]
+        if has_w:
+            occ = next(forwards)
         else:
             occ, counted = count_occurrences(model, trajs, lex, progress=progress)
         tt = token_table(occ, trajs, model=spec, lexicon=lex.words, min_count=min_count,
@@ -203,7 +203,7 @@ def tokens_to_dir(runs, out, *, lexicon=None, word="wait", min_count=5, n_boot=1
         wd = wait_distribution(pos, trajs, model=spec, word=word)
         waits.append(wd)
         summaries[spec] = wait_summary(wd, trajs, model=spec, n_boot=n_boot, seed=seed, word=word)
-        md.append(f"## {spec}\n\n{'' if has_weights(model) else '(counts only: no model weights) '}"
+        md.append(f"## {spec}\n\n{'' if has_w else '(counts only: no model weights) '}"
                   f"{tt.n_correct} correct, {tt.n_incorrect} incorrect trajectories; "
                   f"{len(tt.table)} keys tested (min count {min_count}).\n")
         show = tt.table.head(top)[["rank", "key", "kind", "n_occurrences", "rate_correct", "rate_incorrect",
@@ -260,7 +260,7 @@ def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, ev
     """Forced-answer curves, transitions and wait alignment for each (name, model, trajectories)
     in `runs`, written into `out`; returns the alignment summary per model. workers: the models'
     forced-answer curves run in up to this many forked processes on one torch thread each
-    (`probes.parallel.map_fork`)."""
+    (`experiments.parallel.map_fork`)."""
     import warnings
     from pathlib import Path
 
@@ -304,7 +304,7 @@ def answers_to_dir(runs, out, *, lexicon=None, word="wait", suffix=None, k=8, ev
                                max_answer_tokens=max_answer_tokens, progress=progress)
         return waits, controls, curves
 
-    from waitlens.probes.parallel import map_fork
+    from waitlens.experiments.parallel import map_fork
 
     for (spec, _, trajs), (waits, controls, curves) in zip(runs, map_fork(positions_and_curves, runs, workers),
                                                              strict=True):

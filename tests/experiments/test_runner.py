@@ -140,25 +140,3 @@ def test_stage_the_data_cannot_support_is_skipped_with_its_reason(study):
     assert "trajectories are correct" in stages["tokens"]["summary"]["reason"]
     assert stages["report"]["status"] == "done"
     assert "## Stages the data could not support" in (run_dir / "report/report.md").read_text()
-
-
-def test_wait_truth_once_per_shared_rows_equals_add_wait_truth():
-    """The probes stage computes the organism's wait facts once for stores that share their wait
-    rows; every table must equal add_wait_truth's on that store's own metadata."""
-    from waitlens import load_model, sample_organism
-    from waitlens.experiments.organism.wait_truth import add_wait_truth
-    from waitlens.experiments.study import _wait_truth
-    from waitlens.traces import find_positions
-
-    model = load_model("organism:post-large")
-    trajs = sample_organism(model, 40, progress=False)
-    table = find_positions(model, trajs, ["wait", "so"]).table
-    assert (table["word"] == "wait").sum() >= 5
-    other = table.copy()
-    first = other.index[other["word"] == "wait"][0]
-    other.loc[first, "token_index"] += 1000  # another store's rows: its own facts (the order moves)
-    metas = [table.assign(model="a"), table.assign(model="b"), other]
-    got = _wait_truth(metas, trajs)
-    for meta, g in zip(metas, got, strict=True):
-        pd.testing.assert_frame_equal(g, add_wait_truth(meta, trajs))
-    assert got[0][["after_slip", "value_wrong"]].notna().any().all()

@@ -1,4 +1,4 @@
-"""Probe fits in forked worker processes (`probes.parallel`) give what one process gives."""
+"""Probe fits in forked worker processes (`experiments.parallel`) give what one process gives."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from waitlens.probes.parallel import map_fork
+from waitlens.experiments.parallel import map_fork
 
 
 def _square(x):
