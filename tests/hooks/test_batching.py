@@ -156,7 +156,17 @@ def test_batched_smollm2(smollm2):
     # 30 float32 layers: rounding reaches 1.0e-5 on a log-prob near -2 (float64 below: 1e-9)
     _check_logprobs(smollm2, trajs, tol=TOL_LOG32)
     _check_curves(smollm2, trajs, k=1, every=24, max_answer_tokens=2)
-    exact = dataclasses.replace(smollm2, hf=copy.deepcopy(smollm2.hf).double())
+    # float64 on SmolLM2's first 6 blocks (its embedding, head and tokenizer): the exactness of
+    # the padded computation is per block, and 6 of 30 blocks cost ~a third of the CPU
+    layers = smollm2.hf.model.layers
+    smollm2.hf.model.layers = layers[:6]
+    try:
+        hf = copy.deepcopy(smollm2.hf).double()
+    finally:
+        smollm2.hf.model.layers = layers
+    hf.config.num_hidden_layers = 6
+    exact = dataclasses.replace(smollm2, hf=hf)
+    assert exact.n_layers == 6 and smollm2.n_layers == 30
     _check_logprobs(exact, trajs[:2], tol=1e-9)  # two lengths: padded
     _check_curves(exact, trajs[:2], k=1, every=40, max_answer_tokens=2, tol=1e-9, tol_log=1e-9)
 
