@@ -113,12 +113,12 @@ def assert_same_ablations(ref, got):
 
 
 def smollm2_trajs():
-    """Three lengths (~20-40 reasoning tokens: the batches are padded), one "Wait" each."""
+    """Two lengths (~20 and ~40 reasoning tokens: the batches are padded), one "Wait" each."""
     base = ("Let me add the numbers step by step. 17 plus 25 is 42. Wait, let me check that again: "
             "17 plus 25, seven plus five is twelve, carry the one, so 42. Hmm, then 42 minus 9 is 33.")
     return [Trajectory(id=f"s{i}", problem_id=f"p{i}", prompt="What is 17 + 25 - 9?",
                        reasoning=base[: 75 + 45 * i].strip(), answer="33", gold="33",
-                       correct=bool(i % 2)) for i in range(3)]
+                       correct=bool(i % 2)) for i in (0, 2)]
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_batched_patch_and_ablations_equal_one_at_a_time_smollm2(smollm2):
     run = lambda **kw: quiet(patch, source, smollm2, trajs, layers="14,29", window="0:1",  # noqa: E731
                              metrics=["forced_answer", "next_token_kl", "recheck"], **kw)
     ref = run(max_batch_tokens=None)
-    assert ref.info["n_cases"] == 3 and ref.info["cost"]["branch_rows"] > 0
+    assert ref.info["n_cases"] == 2 and ref.info["cost"]["branch_rows"] > 0
     assert ref.table["effect"].abs().max() > 1e-3  # the copy differs: the comparison is not of zeros
     for padding in ("right", "left"):
         got = run(padding=padding)
