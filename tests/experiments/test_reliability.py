@@ -100,9 +100,13 @@ def test_2_lock_refuses_a_second_holder(tmp_path):
 
 
 @pytest.mark.slow
-def test_2_two_concurrent_runs_second_exits_2_first_equals_uninterrupted(root, clean_run, tmp_path):
+def test_2_two_concurrent_runs_second_exits_2_first_equals_uninterrupted(root, clean_run, tmp_path, capfd):
     """Two `waitlens run` on one run dir: the second exits 2 with 'in use by pid N' and changes
-    nothing; the first completes and its tables equal an uninterrupted run's."""
+    nothing; the first completes and its tables equal an uninterrupted run's. The first is the
+    installed command in its own process; the second is the same entry point in this process
+    (another pid all the same; a process start costs ~6 s of CPU in imports)."""
+    from waitlens.experiments.cli import main
+
     cfg_file = tmp_path / "par.toml"
     raw = _raw(root)
     cfg_file.write_text(_toml(raw))
@@ -119,14 +123,15 @@ def test_2_two_concurrent_runs_second_exits_2_first_equals_uninterrupted(root, c
     os.kill(first.pid, signal.SIGSTOP)  # hold the first run mid-study while the second starts
     try:
         before = {p: p.stat().st_mtime_ns for p in (runs / "tiny").rglob("*")}
-        second = subprocess.run([WAITLENS, "run", str(cfg_file), "--runs", str(runs), "--quiet"], env=env,
-                                capture_output=True, text=True, timeout=300)
+        capfd.readouterr()
+        rc = main(["run", str(cfg_file), "--runs", str(runs), "--quiet"])
+        err = capfd.readouterr().err
         after = {p: p.stat().st_mtime_ns for p in (runs / "tiny").rglob("*")}
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    assert second.returncode == 2, second.stderr
-    assert f"in use by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
-    assert len(second.stderr.strip().splitlines()) == 1
+    assert rc == 2, err
+    assert f"in use by pid {first.pid}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     assert after == before, "the second run changed nothing"
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
@@ -435,15 +440,22 @@ def _parser(handler):
     return p
 
 
-@pytest.mark.slow
-def test_9_probe_refuses_an_unusable_out_before_computing(store, tmp_path):
+def test_9_probe_refuses_an_unusable_out_before_computing(store, tmp_path, capsys, monkeypatch):
+    from waitlens.experiments.analyses import probe
+    from waitlens.experiments.cli import main
+
     s, _ = store
     (tmp_path / "afile").write_text("x")
-    t0 = time.perf_counter()
-    r = _cli("probe", "--store", str(s.path), "--out", str(tmp_path / "afile" / "out"), "--n-boot", "5")
-    assert r.returncode == 2 and "Not a directory" in r.stderr and "Traceback" not in r.stderr
-    assert "AUROC" not in r.stdout, "nothing was computed first"
-    assert time.perf_counter() - t0 < 60
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("probes were fitted before --out was checked")
+
+    monkeypatch.setattr(probe, "fit_stores", no_fit)  # nothing may be computed first
+    rc = main(["probe", "--store", str(s.path), "--out", str(tmp_path / "afile" / "out"), "--n-boot", "5"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Not a directory" in err and "Traceback" not in err
+    assert err.startswith("waitlens probe: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "AUROC" not in out
 
 
 # -- 10. messages name the file ---------------------------------------------------------------
