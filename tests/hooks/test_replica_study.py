@@ -59,7 +59,8 @@ REPLICA_RECORDS = [29, 21, 0, 1, 2, 3, 4, 5, 6, 7, 13, 27, 19]
 
 def _small_replica_config(tmp_path: Path) -> Path:
     """The shipped s1-vs-r1-replica.toml (same models, stages and settings) on REPLICA_RECORDS,
-    with fewer bootstrap draws: the same study at about a third of the work."""
+    with fewer bootstrap draws and forced-answer curves on the first 4 trajectories instead of 12
+    (#29 and #21 have waits, in a correct and an incorrect problem)."""
     from waitlens.experiments.config import CONFIG_DIR
 
     lines = R1_TRACES.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -68,6 +69,7 @@ def _small_replica_config(tmp_path: Path) -> Path:
     for old, new in (('path = "../shared/realdata/traces/r1distill_qwen1.5b_gsm8k500.jsonl"',
                       f'path = "{tmp_path / "r1_small.jsonl"}"'),
                      ("limit = 30 ", "limit = 0 "),
+                     ("max_trajectories = 12", "max_trajectories = 4"),
                      ("[capture]", "[tokens]\nn_boot = 100\n\n[probes]\nn_boot = 100\n\n[capture]")):
         assert text.count(old) == 1, old  # the shipped config still reads as this test expects
         text = text.replace(old, new)
