@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import no_type_check
 
 import numpy as np
 import pandas as pd
@@ -283,7 +284,9 @@ def residuals_at(
     got: dict[int, Tensor] = {}
     last = max(layers)
 
+    @no_type_check
     def grab(layer):
+        @no_type_check
         def fn(hidden):
             got[layer] = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat).to("cpu")
             if layer == last:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
@@ -126,6 +126,7 @@ def next_token_kl(positions: int = 8, *, name: str = "next_token_kl") -> PatchMe
     if positions < 1:
         raise MetricError(f"next_token_kl needs positions >= 1, got {positions}")
 
+    @no_type_check
     def reads(model, case, anchor, p):
         return [Read(i) for i in range(p, min(p + positions, len(case.target_ids)))]
 
@@ -143,6 +144,7 @@ def final_answer(*, name: str = "gold_prob") -> PatchMetric:
     """The gold answer's probability forced at the end of the reasoning (the trajectory is
     rendered with the gold answer, so its answer tokens are the gold's)."""
 
+    @no_type_check
     def reads(model, case, anchor, p):
         a0, a1 = case.answer_tokens
         return [Read(i - 1) for i in range(a0, a1)]
@@ -155,6 +157,7 @@ def forced_answer(after: int = DEFAULT_FORCED_AFTER, *, name: str = "forced_answ
     if after < 0:
         raise MetricError(f"forced_answer needs after >= 0, got {after}")
 
+    @no_type_check
     def reads(model, case, anchor, p):
         key = ("forced_answer", after, anchor.wait_token)
         if key not in case.cache:
@@ -197,6 +200,7 @@ def recheck(openings: Sequence[str] = DEFAULT_OPENINGS, *, skip: str = ",.:;!?â€
     if not openings:
         raise MetricError("recheck needs at least one opening, e.g. ' Let me'")
 
+    @no_type_check
     def reads(model, case, anchor, p):
         if "recheck_ids" not in case.cache:
             case.cache["recheck_ids"] = opening_tokens(model.tokenizer, openings)

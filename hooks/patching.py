@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import no_type_check
 
 import pandas as pd
 import torch
@@ -89,7 +90,9 @@ def capture_resid_pre(model: LoadedModel, ids: Sequence[int], positions: Sequenc
     idx = torch.tensor(list(positions), dtype=torch.long)
     last = max(layers)
 
+    @no_type_check
     def grab(layer):
+        @no_type_check
         def fn(x):
             out[layer] = x[0, idx.to(x.device)].detach().clone()
             if layer == last:
@@ -118,6 +121,7 @@ def run_patched(model: LoadedModel, ids: Sequence[int], patches: dict[tuple[int,
     seen: dict[int, Tensor] = {}
     fns = {}
     for layer in sorted(set(by_layer) | set(capture)):
+        @no_type_check
         def fn(x, layer=layer):
             if layer in by_layer:
                 x = x.clone()
@@ -164,6 +168,7 @@ def plan_reads(target: LoadedModel, case: PatchCase, cells, metrics: Sequence[Pa
     """
     forks: dict[tuple, int] = {}
 
+    @no_type_check
     def norm(r: Read) -> Read:
         if r.branch is None:
             return r
@@ -192,7 +197,9 @@ def _clean_target(target, case: PatchCase, layers, positions, reads: Reads):
     states: dict[int, Tensor] = {}
     idx = torch.tensor(positions, dtype=torch.long)
 
+    @no_type_check
     def grab(layer):
+        @no_type_check
         def fn(h):
             states[layer] = h[0, idx.to(h.device)].detach().clone()
         return fn
@@ -234,6 +241,7 @@ def _tail_rows(target, seq: Sequence[int], p: int, rows: list[tuple[int, Tensor]
             continue
         layer, v = row
 
+        @no_type_check
         def fn(h, j=j, v=v):
             h = h.clone()
             h[j, p - start] = v.to(h.dtype)
@@ -294,15 +302,18 @@ def _emit_rows(target, case: PatchCase, pl: _Plan, layers, metrics: list[PatchMe
     None, sel, {branch: (lp, positions)})` (a missing key: the layer was not re-run at p)."""
     reads, branch_reads = pl.reads, pl.branch_reads
 
+    @no_type_check
     def clean_lookup(r: Read) -> Tensor:
         if r.branch is None:
             return clean_lp[reads.index[r.position]]
         return clean_branch[r.branch][branch_reads[r.branch].index[r.position]]
 
+    @no_type_check
     def make_lookup(p, lp_rows, sel, br):
         at = {q: i for i, q in enumerate(sel)}
         br_at = {b: (lp, {q: i for i, q in enumerate(ps)}) for b, (lp, ps) in br.items()}
 
+        @no_type_check
         def lookup(r: Read) -> Tensor:
             if r.branch is None:
                 if r.position < p:
@@ -393,7 +404,9 @@ def _capture_batch(model: LoadedModel, seqs: Sequence[Sequence[int]], positions:
     out: dict[int, Tensor] = {}
     last = max(layers)
 
+    @no_type_check
     def grab(layer):
+        @no_type_check
         def fn(x):
             out[layer] = x.reshape(-1, x.shape[-1]).index_select(0, flat.to(x.device)).detach().clone()
             if layer == last:
@@ -420,7 +433,9 @@ def _clean_batch(target: LoadedModel, cases: Sequence[PatchCase], plans: Sequenc
     flat = torch.cat([batch.flat_index(b, pl.patched) for b, pl in enumerate(plans)])
     states: dict[int, Tensor] = {}
 
+    @no_type_check
     def grab(layer):
+        @no_type_check
         def fn(h):
             states[layer] = h.reshape(-1, h.shape[-1]).index_select(0, flat.to(h.device)).detach().clone()
             if full is not None:
@@ -502,6 +517,7 @@ def _run_tails(target: LoadedModel, group: list[_Tail], cache, offsets: list[int
         cols = torch.tensor([c for _, c, _ in items], dtype=torch.long)
         vals = torch.stack([v for _, _, v in items])
 
+        @no_type_check
         def fn(h, rows=rows, cols=cols, vals=vals):
             h = h.clone()
             h[rows.to(h.device), cols.to(h.device)] = vals.to(h.device, h.dtype)

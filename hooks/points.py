@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import no_type_check
 
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -87,6 +88,7 @@ def residual_hooks(model: LoadedModel, fns: Mapping[str, HookFn]) -> Iterator[No
 
 
 def _pre_hook(fn: HookFn):
+    @no_type_check
     def hook(module, args, kwargs):
         if args:
             new = fn(args[0])
@@ -98,6 +100,7 @@ def _pre_hook(fn: HookFn):
 
 
 def _post_hook(fn: HookFn):
+    @no_type_check
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         new = fn(hidden)

@@ -19,6 +19,8 @@ the objective of scikit-learn's ``LogisticRegression(C)`` divided by ``C * N_q``
 
 from __future__ import annotations
 
+from typing import no_type_check
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -73,6 +75,7 @@ def fit_logistic_batched(
     evals = evals.clamp_min(0)
     evecsT = evecs.transpose(1, 2)
 
+    @no_type_check
     def objective(W, b):
         Z = torch.baddbmm(b[:, None, :], X, W)  # [L, n, Q]
         f = (Mn * (softplus(Z) - Y * Z)).sum(1) + 0.5 * lam * (W * W).sum(1)
@@ -93,6 +96,7 @@ def fit_logistic_batched(
         if not bool(active.any()):
             break
 
+        @no_type_check
         def hess(vW, vb, S=S):
             SU = S * torch.baddbmm(vb[:, None, :], X, vW)
             return torch.bmm(Xt, SU) + lam[:, None, :] * vW, SU.sum(1)
@@ -103,6 +107,7 @@ def fit_logistic_batched(
         s_bar = S.sum(1)  # [L, Q]
         inv = 1.0 / (s_bar[:, None, :] * evals[:, :, None] + lam[:, None, :])  # [L, d, Q]
 
+        @no_type_check
         def precond(vW, vb, inv=inv, s_bar=s_bar):
             return torch.bmm(evecs, inv * torch.bmm(evecsT, vW)), vb / s_bar.clamp_min(1e-12)
 
