@@ -286,7 +286,6 @@ def residuals_at(
 
     @no_type_check
     def grab(layer):
-        @no_type_check
         def fn(hidden):
             got[layer] = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat).to("cpu")
             if layer == last:

@@ -92,7 +92,6 @@ def capture_resid_pre(model: LoadedModel, ids: Sequence[int], positions: Sequenc
 
     @no_type_check
     def grab(layer):
-        @no_type_check
         def fn(x):
             out[layer] = x[0, idx.to(x.device)].detach().clone()
             if layer == last:
@@ -199,7 +198,6 @@ def _clean_target(target, case: PatchCase, layers, positions, reads: Reads):
 
     @no_type_check
     def grab(layer):
-        @no_type_check
         def fn(h):
             states[layer] = h[0, idx.to(h.device)].detach().clone()
         return fn
@@ -313,7 +311,6 @@ def _emit_rows(target, case: PatchCase, pl: _Plan, layers, metrics: list[PatchMe
         at = {q: i for i, q in enumerate(sel)}
         br_at = {b: (lp, {q: i for i, q in enumerate(ps)}) for b, (lp, ps) in br.items()}
 
-        @no_type_check
         def lookup(r: Read) -> Tensor:
             if r.branch is None:
                 if r.position < p:
@@ -406,7 +403,6 @@ def _capture_batch(model: LoadedModel, seqs: Sequence[Sequence[int]], positions:
 
     @no_type_check
     def grab(layer):
-        @no_type_check
         def fn(x):
             out[layer] = x.reshape(-1, x.shape[-1]).index_select(0, flat.to(x.device)).detach().clone()
             if layer == last:
@@ -435,7 +431,6 @@ def _clean_batch(target: LoadedModel, cases: Sequence[PatchCase], plans: Sequenc
 
     @no_type_check
     def grab(layer):
-        @no_type_check
         def fn(h):
             states[layer] = h.reshape(-1, h.shape[-1]).index_select(0, flat.to(h.device)).detach().clone()
             if full is not None:
