@@ -4,7 +4,7 @@
 copies of this process (Linux's fork start method). A worker inherits `fn` and `items` as they
 are here (loaded models included: nothing is pickled or reloaded on the way in); only the
 results travel back, pickled, in the order of `items`. An exception in a worker is raised here.
-Each worker runs torch on one thread: work that pins torch to one thread itself (the probes'
+Each worker runs torch (and numpy's BLAS) on one thread: work that pins torch to one thread itself (the probes'
 ``threads=1``) computes there exactly what it computes here, the same operations on the same
 inputs in the same order; for other work, the caller checks that the thread count does not
 change its results. Without fork, with CUDA initialized (a forked child cannot use it), or with
@@ -33,9 +33,15 @@ def available_cores() -> int:
 
 
 def _one_thread() -> None:
+    """torch, and the BLAS and OpenMP pools numpy, scipy and scikit-learn call, on one thread:
+    a worker's idle pool threads spin for a while after each call, on the cores the other
+    workers need (the real-traces study's four token workers on two cores: 1.9x its time)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(1)  # the pools loaded already; called, not entered: for the worker's life
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"  # those loaded later
 
 
 def _cuda_initialized() -> bool:
