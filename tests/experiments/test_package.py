@@ -19,6 +19,24 @@ def test_every_notebook_verb_resolves():
         waitlens.nope  # noqa: B018
 
 
+def test_no_module_puts_the_layer_folders_on_sys_path():
+    """Importing any waitlens module leaves sys.path as it was: a path entry for the repository or
+    site-packages/waitlens would make `import traces` (or hooks, probes, experiments) load our layer
+    instead of the user's package of that name (all four are taken on PyPI)."""
+    import importlib
+    import pkgutil
+
+    before = list(sys.path)
+    names = []
+    for layer in ("traces", "hooks", "probes", "experiments"):  # (an editable install maps each folder)
+        pkg = importlib.import_module(f"waitlens.{layer}")
+        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, f"{pkg.__name__}.")]
+    assert "waitlens.experiments.benchmarks.capture" in names  # the walk reaches the scripts too
+    for name in names:
+        importlib.import_module(name)
+        assert sys.path == before, name
+
+
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_package(tmp_path):
     """Generic names (traces, hooks, probes, experiments are all taken on PyPI) stay inside
