@@ -36,7 +36,8 @@ LONGEST_FIRST = (
     "tests/organism/test_retrain.py",
     "tests/experiments/test_real_traces_study.py",
     "tests/organism/test_organism.py",  # many tests between the long one-test files: a worker
-    "tests/hooks/test_patch_batching.py",  # left with <= 2 tests takes the next file (xdist)
+    "tests/hooks/test_torchrun.py",  # left with <= 2 tests takes the next file (xdist)
+    "tests/hooks/test_patch_batching.py",
     "tests/hooks/test_capture.py",
     "tests/experiments/test_reliability.py",
     "tests/hooks/test_replica_study.py",

@@ -25,7 +25,6 @@ from waitlens.traces import (
     Trajectory,
     control_positions,
     find_positions,
-    load_trajectories,
     save_trajectories,
 )
 
@@ -391,91 +390,3 @@ def test_in_memory_capture_equals_store(tiny_model, trajs, positions, tmp_path):
         capture(tiny_model, trajs, positions, layers=[7])
 
 
-# -- data-parallel (torchrun, gloo) -----------------------------------------------------------
-_DP_SCRIPT = '''
-import os, sys
-import waitlens.hooks.capture as capmod
-from waitlens.hooks import load_model
-from waitlens.traces import control_positions, find_positions, load_trajectories
-
-trajs_file, out, kill_rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if int(os.environ["RANK"]) == kill_rank:  # this rank dies after writing its first shard
-    real = capmod.write_shard
-
-    def write_then_die(*a, **kw):
-        real(*a, **kw)
-        os._exit(3)
-
-    capmod.write_shard = write_then_die
-model = load_model("organism:post-large", device="cpu", dtype="float32")
-trajs = load_trajectories(trajs_file)
-pos = find_positions(model, trajs, ["wait", "so", "therefore", "alternatively"])
-pos = pos.concat(control_positions(model, trajs, pos, seed=0))
-capmod.capture_residuals(model, trajs, pos, out, batch_size=2, shard_size=2, progress=False)
-'''
-
-
-def dp_capture(model, trajs, out):
-    """The script's capture, in this process."""
-    pos = find_positions(model, trajs, ["wait", "so", "therefore", "alternatively"])
-    pos = pos.concat(control_positions(model, trajs, pos, seed=0))
-    return capmod.capture_residuals(model, trajs, pos, out, batch_size=2, shard_size=2, progress=False)
-
-
-def _store_bytes(d):
-    """Every file of a store, the manifest without its timestamps and versions."""
-    out = {}
-    for p in sorted(d.iterdir()):
-        if p.name == "manifest.json":
-            m = json.loads(p.read_text())
-            for k in ("created", "finished", "versions"):
-                m.pop(k, None)
-            out[p.name] = json.dumps(m, sort_keys=True).encode()
-        else:
-            out[p.name] = p.read_bytes()
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")  # the single process's floats are the one-thread ranks'
-def test_torchrun_two_ranks_equal_single_process_and_resume(tmp_path):
-    """torchrun --nproc-per-node 2 (gloo) with rank 1 killed after its first shard, then the
-    same command rerun: the store both launches' ranks wrote is byte for byte the store one
-    process (this one) writes."""
-    import subprocess
-    import sys
-
-    from waitlens.experiments.organism.sample import sample
-    from waitlens.hooks import load_model
-
-    model = load_model("organism:post-large", device="cpu", dtype="float32")
-    trajs = sample(model, 8, seed=5, progress=False)
-    tf = tmp_path / "t.jsonl"
-    save_trajectories(trajs, tf)
-    script = tmp_path / "dp.py"
-    script.write_text(_DP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def launch(out, kill_rank=-1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-               str(tf), str(out), str(kill_rank)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the launcher and its ranks
-            raise
-        return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
-
-    single = dp_capture(model, load_trajectories(tf), tmp_path / "single")  # what the ranks read
-    assert len(single.manifest["shards"]) >= 4  # both ranks get more than one shard
-    want = _store_bytes(tmp_path / "single")
-    killed = launch(tmp_path / "resumed", kill_rank=1)
-    assert killed.returncode != 0
-    m = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
-    assert not m["complete"] and (tmp_path / "resumed" / "shard-00001.safetensors").exists()
-    assert not (tmp_path / "resumed" / "shard-00003.safetensors").exists()  # rank 1's second shard: resumed
-    again = launch(tmp_path / "resumed")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert _store_bytes(tmp_path / "resumed") == want

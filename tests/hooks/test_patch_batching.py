@@ -1,14 +1,12 @@
 """Batched patching and ablations equal their one-case-at-a-time reference paths
 (`max_batch_tokens=None`): patch effects, clean and patched values and attribution estimates
 within 1e-5, on the organism and on SmolLM2, with right and left padding; and data-parallel
-patching under torchrun writes the single process's rows."""
+patching under torchrun: tests/hooks/test_torchrun.py."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import gzip
-import os
 import warnings
 
 import numpy as np
@@ -148,43 +146,3 @@ def test_batched_patch_and_ablations_equal_one_at_a_time_smollm2(smollm2):
         refa = quiet(ablate, smollm2, trajs, kind, max_batch_tokens=None)[0]
         for padding in ("right", "left"):
             assert_same_ablations(refa, quiet(ablate, smollm2, trajs, kind, padding=padding)[0])
-
-
-@pytest.mark.slow
-def test_torchrun_patch_two_ranks_equal_single_process(tmp_path, capsys):
-    """`torchrun --nproc-per-node 2 -m waitlens.experiments.cli patch` (gloo): rank 0 writes the
-    rows and tables the single process (the same CLI in this process, one thread) writes, byte
-    for byte; only rank 0 prints the summary."""
-    import json
-    import subprocess
-    import sys
-
-    from waitlens.experiments.cli import main
-    from waitlens.experiments.organism.sample import sample
-    from waitlens.hooks.batching import length_batches
-    from waitlens.hooks.patch_cases import prepare_cases
-    from waitlens.traces import save_trajectories
-
-    sft = load_model("organism:sft-1k", device="cpu")
-    ts = [t for t in sample(sft, 40, seed=2, progress=False) if " wait " in f" {t.reasoning} "][:8]
-    tf = tmp_path / "t.jsonl"
-    save_trajectories(ts, tf)
-    cli = ["patch", "--source", "organism:post-large", "--target", "organism:sft-1k", "--trajectories", str(tf),
-           "--attribution", "--n-boot", "50", "--quiet", "--batch-tokens", "200"]
-    cases, _ = prepare_cases(load_model("organism:post-large", device="cpu"), sft, ts)
-    assert len(list(length_batches([len(c.target_ids) for c in cases], 64, 200))) >= 2  # both ranks get some
-
-    assert main([*cli, "--out", str(tmp_path / "one")]) == 0
-    one = capsys.readouterr().out
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "waitlens.experiments.cli", *cli, "--out", str(tmp_path / "two")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote ") == one.count("wrote ") == 1  # rank 0 alone prints
-    m = json.loads((tmp_path / "two" / "patch_manifest.json").read_text())
-    assert m["info"]["world_size"] == 2
-    with gzip.open(tmp_path / "one" / "patch_rows.csv.gz") as a, gzip.open(tmp_path / "two" / "patch_rows.csv.gz") as b:
-        assert a.read() == b.read()
-    for name in ("patch_effects.csv", "wait_vs_random.csv", "attribution.csv"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
