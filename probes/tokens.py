@@ -137,6 +137,55 @@ def _weighted_auroc(w: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np
         return np.where(den > 0, (wp * (below + 0.5 * wn)).sum(1) / den, np.nan)
 
 
+def _weighted_aurocs(w: np.ndarray, scores: np.ndarray, labels: np.ndarray, max_levels: int = 2048) -> np.ndarray:
+    """`_weighted_auroc` of every row of `scores` [k, n] under the same weights `w` [n_boot, n]
+    and `labels`: [n_boot, k], the same numbers. The rows' levels side by side make one one-hot
+    matrix (in blocks of about `max_levels` columns), so a whole token table is a few matrix
+    products instead of one per key; every sum is of whole or half weights, exact in any order."""
+    pos = labels.astype(bool)
+    wpos, wneg = w * pos, w * ~pos
+    den = wpos.sum(1) * wneg.sum(1)  # the same for every row: each level's weights sum to the class's
+    out = np.full((len(w), len(scores)), np.nan)
+    if not (den > 0).any():
+        return out
+    inverse, n_levels = [], []
+    for row in scores:
+        _, lv = np.unique(row, return_inverse=True)
+        inverse.append(lv)
+        n_levels.append(int(lv.max()) + 1)
+    start = 0
+    while start < len(scores):
+        stop, width = start, 0
+        while stop < len(scores) and (stop == start or width + n_levels[stop] <= max_levels):
+            width += n_levels[stop]
+            stop += 1
+        offsets = np.cumsum([0] + n_levels[start:stop])
+        onehot = np.zeros((scores.shape[1], width))
+        cols = np.concatenate([offsets[j] + inverse[start + j] for j in range(stop - start)])
+        onehot[np.tile(np.arange(scores.shape[1]), stop - start), cols] = 1.0
+        wp, wn = wpos @ onehot, wneg @ onehot  # weight of each class at each level of each row
+        run = np.cumsum(wn, axis=1)
+        before = np.concatenate([np.zeros((len(w), 1)), run[:, offsets[1:-1] - 1]], axis=1)  # at each row's start
+        below = run - np.repeat(before, np.diff(offsets), axis=1) - wn
+        num = np.add.reduceat(wp * (below + 0.5 * wn), offsets[:-1], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, start:stop] = np.where(den[:, None] > 0, num / den[:, None], np.nan)
+        start = stop
+    return out
+
+
+def _percentile_cis(boots: np.ndarray, alpha: float = 0.05) -> np.ndarray:
+    """`_percentile_ci` of every column of `boots` [n_boot, k] whose non-finite rows are whole
+    rows (a resample with one class): [k, 2]."""
+    finite = np.isfinite(boots)
+    rows = finite.all(1)
+    if not (finite == rows[:, None]).all():  # some column has its own non-finite rows
+        return np.array([_percentile_ci(b, alpha) for b in boots.T]).reshape(-1, 2)
+    if not rows.any():
+        return np.full((boots.shape[1], 2), np.nan)
+    return np.quantile(boots[rows], [alpha / 2, 1 - alpha / 2], axis=0).T
+
+
 def _percentile_ci(boots: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
     boots = boots[np.isfinite(boots)]
     if not len(boots):
@@ -205,13 +254,14 @@ def token_table(
     counts = (occ.groupby(["key", "trajectory_id"]).size().unstack(fill_value=0)
               .reindex(index=tested, columns=tids, fill_value=0))
     probs = occ.groupby(["key", "trajectory_id"])["prob"].mean().unstack().reindex(index=tested, columns=tids)
+    count_rows, prob_rows = counts.to_numpy(float), probs.to_numpy(float)
+    w = _resample_weights(groups, n_boot, seed)  # `_auroc_ci` of every key at once
+    cis = np.full((len(tested), 2), np.nan) if w is None else _percentile_cis(_weighted_aurocs(w, count_rows, y))
     rows = []
-    for key in tested:
-        c = counts.loc[key].to_numpy(float)
-        pr = probs.loc[key].to_numpy(float)
+    for key, c, pr, (lo, hi) in zip(tested, count_rows, prob_rows, cis, strict=True):
+        lo, hi = float(lo), float(hi)
         has = c > 0
         auc, p = _mw(c[y], c[~y])
-        lo, hi = _auroc_ci(c, y, groups, n_boot, seed)
         pc, pi = pr[y & has], pr[~y & has]
         pauc, pp = _mw(pc, pi)
         note = []
@@ -266,32 +316,34 @@ def compare_regimes(
         counts[m] = (occ[occ["key"].isin(common)].groupby(["key", "trajectory_id"]).size().unstack(fill_value=0)
                      .reindex(columns=frames[m]["trajectory_id"], fill_value=0))
     aurocs = {m: tables[m].table.drop_duplicates("key").set_index("key")["auroc"].to_dict() for m in names}
-    for key in sorted(common):
+    keys = sorted(common)
+    base = names[0]
+
+    def key_counts(m):  # [key, trajectory] counts, zeros for a key the model never says
+        f = frames[m]
+        return counts[m].reindex(index=keys, fill_value=0).to_numpy(float), f["correct"].to_numpy(float)
+
+    diffs = {}
+    (c0, y0) = key_counts(base)
+    for m in names[1:]:
+        c1, y1 = key_counts(m)
+        est = [_auroc_stat(np.column_stack([a, y1])) - _auroc_stat(np.column_stack([b, y0]))
+               for a, b in zip(c1, c0, strict=True)]
+        g = np.concatenate([frames[base]["problem_id"].to_numpy(), frames[m]["problem_id"].to_numpy()])
+        w = _resample_weights(g, n_boot, seed)  # the draws cluster_bootstrap over both models' rows makes
+        if w is None:
+            cis = np.full((len(keys), 2), np.nan)
+        else:
+            n0 = len(y0)
+            cis = _percentile_cis(_weighted_aurocs(w[:, n0:], c1, y1) - _weighted_aurocs(w[:, :n0], c0, y0))
+        diffs[m] = (est, cis)
+    for i, key in enumerate(keys):
         row = {"key": key}
         for m in names:
             row[f"auroc_{m}"] = float(aurocs[m][key])  # TokenTable.row(key)["auroc"], without a scan per key
-        base = names[0]
         for m in names[1:]:
-            vals, grp = [], []
-            for j, mm in enumerate((base, m)):
-                f = frames[mm]
-                c = counts[mm].loc[key].to_numpy(float) if key in counts[mm].index else np.zeros(len(f))
-                vals.append(np.column_stack([c, f["correct"].to_numpy(float), np.full(len(f), j)]))
-                grp.append(f["problem_id"].to_numpy())
-            v, g = np.vstack(vals), np.concatenate(grp)
-
-            def diff(a: np.ndarray) -> float:
-                return _auroc_stat(a[a[:, 2] == 1, :2]) - _auroc_stat(a[a[:, 2] == 0, :2])
-
-            est = diff(v)
-            w = _resample_weights(g, n_boot, seed)  # the draws cluster_bootstrap(v, g, diff) makes
-            if w is None:
-                lo = hi = float("nan")
-            else:
-                m0, m1 = v[:, 2] == 0, v[:, 2] == 1
-                lo, hi = _percentile_ci(_weighted_auroc(w[:, m1], v[m1, 0], v[m1, 1])
-                                        - _weighted_auroc(w[:, m0], v[m0, 0], v[m0, 1]))
-            row[f"d_auroc_{m}"], row[f"d_auroc_{m}_lo"], row[f"d_auroc_{m}_hi"] = est, lo, hi
+            est, cis = diffs[m]
+            row[f"d_auroc_{m}"], row[f"d_auroc_{m}_lo"], row[f"d_auroc_{m}_hi"] = est[i], *map(float, cis[i])
         out.append(row)
     df = pd.DataFrame(out)
     if not df.empty and len(names) > 1:

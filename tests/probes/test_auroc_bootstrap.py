@@ -55,3 +55,33 @@ def test_one_class_resamples_dropped_and_large_inputs_loop(monkeypatch):
     y, p, g = rng.integers(0, 2, 80), rng.random(80), rng.integers(0, 9, 80)
     want = loop_auroc_ci(y, p, g, n_boot=100)
     np.testing.assert_allclose(auroc_ci(y, p, g, n_boot=100), want, atol=0)
+
+
+@pytest.mark.parametrize("max_levels", [1, 7, 2048])  # a block per key, a few keys a block, one block
+def test_token_table_aurocs_of_every_key_at_once_equal_one_key_at_a_time(max_levels):
+    """The token table's bootstrap AUROCs of all keys in blocks (`_weighted_aurocs`) and their CIs
+    (`_percentile_cis`) are bitwise those of one key at a time: constant keys, many-level keys,
+    and resamples with one class (a NaN row for every key) included."""
+    from waitlens.probes.tokens import (
+        _percentile_ci,
+        _percentile_cis,
+        _resample_weights,
+        _weighted_auroc,
+        _weighted_aurocs,
+    )
+
+    rng = np.random.default_rng(3)
+    n = 40
+    g = np.arange(n) % 4
+    y = g < 2  # four problems, two all correct: a resample of those two alone has one class
+    scores = np.vstack([rng.poisson(rng.uniform(0.1, 4), n) for _ in range(25)]
+                       + [np.zeros(n), np.full(n, 2.0), rng.permutation(n)]).astype(float)
+    w = _resample_weights(g, 300, 0)
+    per_key = np.column_stack([_weighted_auroc(w, s, y) for s in scores])
+    assert np.isnan(per_key).all(1).any() and not np.isnan(per_key).all()  # both kinds of resample
+    got = _weighted_aurocs(w, scores, y, max_levels=max_levels)
+    np.testing.assert_array_equal(got, per_key)
+    np.testing.assert_array_equal(_percentile_cis(got), [_percentile_ci(b) for b in per_key.T])
+    ragged = got.copy()
+    ragged[0, 0] = np.nan  # one column's own NaN: the column-by-column fallback
+    np.testing.assert_array_equal(_percentile_cis(ragged), [_percentile_ci(b) for b in ragged.T])
