@@ -14,6 +14,7 @@ import re
 _WS = re.compile(r"\s+")
 _GSM8K_GOLD = re.compile(r"####\s*([^\n]+?)\s*$")
 _PADDED_INT = re.compile(r"^0+(\d+)$")
+_INT = re.compile(r"^-?[0-9]+$")
 
 
 def normalize_answer(text: str) -> str:
@@ -55,6 +56,9 @@ def grade(answer: str | None, gold: str, *, mode: str = "auto") -> bool:
         return True
     if mode == "exact":
         return False
+    a, g = normalize_answer(answer), normalize_answer(gold)
+    if _INT.match(a) and _INT.match(g):  # math-verify's verdict on two integers, without its parser
+        return int(a) == int(g)
     return _math_verify(answer, gold)
 
 

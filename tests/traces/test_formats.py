@@ -153,3 +153,17 @@ def test_a_gold_is_parsed_once_for_every_answer_graded_against_it(monkeypatch):
     G._parse_gold.cache_clear()
     assert [grade(a, "\\frac{3}{4}") for a in ("0.75", "3/4", "\\dfrac{3}{4}", "0.7")] == [True, True, True, False]
     assert calls.count("$\\boxed{\\frac{3}{4}}$") == 1  # not once per answer
+
+
+def test_two_integers_are_graded_as_math_verify_grades_them_without_its_parser(monkeypatch):
+    import math_verify
+
+    import waitlens.traces.grading as G
+
+    pairs = [("012", "12"), ("-0", "0"), ("7", "07"), ("-3", "3"), ("100", "1000"), ("-12", "-012"),
+             ("99999999999999999999", "99999999999999999999"), ("123456789012345678901", "123456789012345678902"),
+             (" 41.", "$41$"), ("5", "#### 5")] + [(str(a), str(b)) for a in range(-3, 4) for b in (-2, 0, 3)]
+    want = [G._math_verify(a, G.normalize_gold(g)) for a, g in pairs]
+    monkeypatch.setattr(math_verify, "parse", lambda *a, **k: pytest.fail("math-verify's parser was called"))
+    assert [grade(a, g) for a, g in pairs] == want
+    assert want.count(True) >= 10 and want.count(False) >= 10  # both verdicts compared
