@@ -123,25 +123,12 @@ def _resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray 
 _WEIGHTS: dict[tuple, np.ndarray] = {}
 
 
-def _weighted_auroc(w: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUROC (ties count half) of `scores` under each row of weights `w` [n_boot, n]: what
-    `_auroc_stat` gives on the resampled rows, for every resample at once; NaN for one class."""
-    levels, lv = np.unique(scores, return_inverse=True)
-    onehot = np.zeros((len(scores), len(levels)))
-    onehot[np.arange(len(scores)), lv] = 1.0
-    pos = labels.astype(bool)
-    wp, wn = (w * pos) @ onehot, (w * ~pos) @ onehot  # weight of each class at each level
-    below = np.cumsum(wn, axis=1) - wn
-    den = wp.sum(1) * wn.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (wp * (below + 0.5 * wn)).sum(1) / den, np.nan)
-
-
 def _weighted_aurocs(w: np.ndarray, scores: np.ndarray, labels: np.ndarray, max_levels: int = 2048) -> np.ndarray:
-    """`_weighted_auroc` of every row of `scores` [k, n] under the same weights `w` [n_boot, n]
-    and `labels`: [n_boot, k], the same numbers. The rows' levels side by side make one one-hot
+    """AUROC (ties count half) of every row of `scores` [k, n] under each row of weights `w`
+    [n_boot, n], with the same `labels`: [n_boot, k], what `_auroc_stat` gives on the resampled
+    rows; NaN for a resample with one class. The rows' levels side by side make one one-hot
     matrix (in blocks of about `max_levels` columns), so a whole token table is a few matrix
-    products instead of one per key; every sum is of whole or half weights, exact in any order."""
+    products; every sum is of whole or half weights, exact in any order."""
     pos = labels.astype(bool)
     wpos, wneg = w * pos, w * ~pos
     den = wpos.sum(1) * wneg.sum(1)  # the same for every row: each level's weights sum to the class's
@@ -194,17 +181,29 @@ def _percentile_ci(boots: np.ndarray, alpha: float = 0.05) -> tuple[float, float
     return float(lo), float(hi)
 
 
-def _auroc_ci(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_boot: int, seed: int):
-    """(lo, hi) of ``cluster_bootstrap(column_stack([scores, labels]), groups, _auroc_stat)``,
-    vectorised over resamples (falls back to the loop when the level table would be large)."""
+_LOOP_CELLS = 4_000_000  # a row whose level table (levels x n) is larger bootstraps by resampling
+
+
+def _auroc_cis(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[k, 2]: (lo, hi) of ``cluster_bootstrap(column_stack([row, labels]), groups, _auroc_stat)``
+    for every row of `scores` [k, n], vectorised over resamples and rows (a row whose level table
+    would be large falls back to the loop)."""
     scores, labels, groups = np.asarray(scores, float), np.asarray(labels, float), np.asarray(groups)
-    if len(np.unique(scores)) * len(scores) > 4_000_000:
-        return cluster_bootstrap(np.column_stack([scores, labels]), groups, _auroc_stat, n_boot=n_boot,
-                                 seed=seed)[1:]
+    out = np.full((len(scores), 2), np.nan)
+    loop = np.array([len(np.unique(row)) * len(row) > _LOOP_CELLS for row in scores], dtype=bool)
+    for i in np.flatnonzero(loop):
+        out[i] = cluster_bootstrap(np.column_stack([scores[i], labels]), groups, _auroc_stat, n_boot=n_boot,
+                                   seed=seed)[1:]
     w = _resample_weights(groups, n_boot, seed)
-    if w is None:
-        return float("nan"), float("nan")
-    return _percentile_ci(_weighted_auroc(w, scores, labels))
+    if w is not None and not loop.all():
+        out[~loop] = _percentile_cis(_weighted_aurocs(w, scores[~loop], labels))
+    return out
+
+
+def _auroc_ci(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_boot: int, seed: int):
+    """`_auroc_cis` of one row of scores: (lo, hi)."""
+    lo, hi = _auroc_cis(np.asarray(scores, float)[None], labels, groups, n_boot, seed)[0]
+    return float(lo), float(hi)
 
 
 def _mw(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
@@ -255,8 +254,7 @@ def token_table(
               .reindex(index=tested, columns=tids, fill_value=0))
     probs = occ.groupby(["key", "trajectory_id"])["prob"].mean().unstack().reindex(index=tested, columns=tids)
     count_rows, prob_rows = counts.to_numpy(float), probs.to_numpy(float)
-    w = _resample_weights(groups, n_boot, seed)  # `_auroc_ci` of every key at once
-    cis = np.full((len(tested), 2), np.nan) if w is None else _percentile_cis(_weighted_aurocs(w, count_rows, y))
+    cis = _auroc_cis(count_rows, y, groups, n_boot, seed)
     rows = []
     for key, c, pr, (lo, hi) in zip(tested, count_rows, prob_rows, cis, strict=True):
         lo, hi = float(lo), float(hi)
@@ -324,7 +322,7 @@ def compare_regimes(
         return counts[m].reindex(index=keys, fill_value=0).to_numpy(float), f["correct"].to_numpy(float)
 
     diffs = {}
-    (c0, y0) = key_counts(base)
+    c0, y0 = key_counts(base)
     for m in names[1:]:
         c1, y1 = key_counts(m)
         est = [_auroc_stat(np.column_stack([a, y1])) - _auroc_stat(np.column_stack([b, y0]))

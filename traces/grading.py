@@ -52,11 +52,11 @@ def grade(answer: str | None, gold: str, *, mode: str = "auto") -> bool:
     if answer is None:
         return False
     gold = normalize_gold(gold)
-    if mode in ("auto", "exact") and normalize_answer(answer) == normalize_answer(gold):
+    a, g = normalize_answer(answer), normalize_answer(gold)
+    if mode in ("auto", "exact") and a == g:
         return True
     if mode == "exact":
         return False
-    a, g = normalize_answer(answer), normalize_answer(gold)
     if _INT.match(a) and _INT.match(g):  # math-verify's verdict on two integers, without its parser
         return int(a) == int(g)
     return _math_verify(answer, gold)
