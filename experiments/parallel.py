@@ -4,10 +4,10 @@
 copies of this process (Linux's fork start method). A worker inherits `fn` and `items` as they
 are here (loaded models included: nothing is pickled or reloaded on the way in); only the
 results travel back, pickled, in the order of `items`. An exception in a worker is raised here.
-Each worker runs torch (and numpy's BLAS) on one thread: work that pins torch to one thread itself (the probes'
-``threads=1``) computes there exactly what it computes here, the same operations on the same
-inputs in the same order; for other work, the caller checks that the thread count does not
-change its results. Without fork, with CUDA initialized (a forked child cannot use it), or with
+Each worker runs torch, and the BLAS and OpenMP pools of numpy, scipy and scikit-learn, on one
+thread: work that pins torch to one thread itself (the probes' ``threads=1``) computes there
+exactly what it computes here, the same operations on the same inputs in the same order; for
+other work, the caller checks that the thread count does not change its results. Without fork, with CUDA initialized (a forked child cannot use it), or with
 one worker or one item, everything runs here.
 """
 
