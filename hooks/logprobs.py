@@ -17,7 +17,8 @@ text (``"\\n"``, ``"␣"``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -179,6 +180,20 @@ class _Decoder:
         return s
 
 
+class TokenKeys:
+    """`token_key` of a token id's decoded text, memoised per id."""
+
+    def __init__(self, tokenizer):
+        self.decode = _Decoder(tokenizer)
+        self.memo: dict[int, str] = {}
+
+    def __call__(self, t: int) -> str:
+        k = self.memo.get(t)
+        if k is None:
+            k = self.memo[t] = token_key(self.decode(t))
+        return k
+
+
 def token_key(text: str) -> str:
     """How a non-lexicon token is keyed: stripped text, or an escaped form if only whitespace."""
     s = text.strip()
@@ -228,26 +243,78 @@ def token_occurrences(
     words_by: dict[str, list[tuple[str, int, int]]] = {}
     for tid, w, s, e in zip(pos["trajectory_id"], pos["word"], pos["span_start"], pos["span_end"], strict=True):
         words_by.setdefault(tid, []).append((w, int(s), int(e)))
-    decode = _Decoder(model.tokenizer)
-    keys: dict[int, str] = {}
-    rows = []
-    for traj, (ids, t0, t1), vals in zip(trajectories, spans, arrays, strict=True):
-        if vals is None:
+    key = TokenKeys(model.tokenizer)
+    return occurrence_table([
+        occurrence_block(traj, ids, t0, t1, words_by.get(traj.id, ()), key, vals)
+        for traj, (ids, t0, t1), vals in zip(trajectories, spans, arrays, strict=True) if vals is not None
+    ])
+
+
+class OccurrenceBlock(NamedTuple):
+    """One trajectory's rows of an occurrence table: `n_words` lexicon-word rows, then one row
+    per other reasoning token, in token order."""
+
+    trajectory: Trajectory
+    t0: int  # the reasoning's tokens are [t0, t1)
+    t1: int
+    keys: list[str]
+    token_index: np.ndarray  # first token of each row
+    n_tokens: np.ndarray
+    logprob: np.ndarray
+    n_words: int
+
+
+def occurrence_block(trajectory: Trajectory, ids: Sequence[int], t0: int, t1: int,
+                     words: Iterable[tuple[str, int, int]], key: Callable[[int], str],
+                     logprobs: np.ndarray | None = None) -> OccurrenceBlock:
+    """The occurrences in one trajectory's reasoning tokens ``ids[t0:t1]``: each lexicon word
+    (``(word, span_start, span_end)``, clipped to the reasoning) is one row; every token outside
+    the words is a row keyed by ``key(token_id)``. `logprobs`: the reasoning tokens' log-probs
+    (a word's is the sum over its tokens); None leaves the column NaN."""
+    in_word = np.zeros(t1 - t0, dtype=bool)
+    words_, first, length, word_lp = [], [], [], []
+    for w, s, e in words:
+        lo, hi = max(s, t0), min(e, t1)
+        if hi <= lo:
             continue
-        n = t1 - t0
-        in_word = np.zeros(n, dtype=bool)
-        for w, s, e in words_by.get(traj.id, ()):
-            lo, hi = max(s, t0), min(e, t1)
-            if hi <= lo:
-                continue
-            in_word[lo - t0:hi - t0] = True
-            rows.append((traj.id, traj.problem_id, traj.correct, w, "word", lo, hi - lo,
-                         float(vals[lo - t0:hi - t0].sum()), (lo - t0) / n))
-        for j in np.flatnonzero(~in_word):
-            t = ids[t0 + j]
-            key = keys.get(t)
-            if key is None:
-                key = keys[t] = token_key(decode(t))
-            rows.append((traj.id, traj.problem_id, traj.correct, key, "token", t0 + int(j), 1,
-                         float(vals[j]), int(j) / n))
-    return pd.DataFrame(rows, columns=OCCURRENCE_COLUMNS)
+        in_word[lo - t0: hi - t0] = True
+        words_.append(w)
+        first.append(lo)
+        length.append(hi - lo)
+        if logprobs is not None:
+            word_lp.append(float(logprobs[lo - t0: hi - t0].sum()))
+    others = np.flatnonzero(~in_word)
+    other_ids = np.asarray(ids, dtype=np.int64)[others + t0].tolist()
+    if logprobs is None:
+        lp = np.full(len(words_) + len(others), np.nan)
+    else:
+        lp = np.concatenate([np.asarray(word_lp, dtype=np.float64), np.asarray(logprobs, dtype=np.float64)[others]])
+    return OccurrenceBlock(trajectory, t0, t1, words_ + [key(t) for t in other_ids],
+                           np.concatenate([np.asarray(first, dtype=np.int64), others + t0]),
+                           np.concatenate([np.asarray(length, dtype=np.int64), np.ones(len(others), np.int64)]),
+                           lp, len(words_))
+
+
+def occurrence_table(blocks: Sequence[OccurrenceBlock]) -> pd.DataFrame:
+    """The occurrence table (`OCCURRENCE_COLUMNS`), the blocks' rows in order, built column by
+    column (a long study has tens of millions of rows)."""
+    if not blocks:
+        return pd.DataFrame(columns=OCCURRENCE_COLUMNS)
+    sizes = np.array([len(b.keys) for b in blocks])
+    per_row = lambda values, dtype=object: np.repeat(np.array(values, dtype=dtype), sizes)  # noqa: E731
+    index = np.concatenate([b.token_index for b in blocks])
+    kind = np.full(len(index), "token", dtype=object)
+    for start, b in zip(np.cumsum(sizes) - sizes, blocks, strict=True):
+        kind[start: start + b.n_words] = "word"
+    t0 = per_row([b.t0 for b in blocks], np.int64)
+    return pd.DataFrame({
+        "trajectory_id": per_row([b.trajectory.id for b in blocks]),
+        "problem_id": per_row([b.trajectory.problem_id for b in blocks]),
+        "correct": per_row([b.trajectory.correct for b in blocks]),
+        "key": np.array([k for b in blocks for k in b.keys], dtype=object),
+        "kind": kind,
+        "token_index": index,
+        "n_tokens": np.concatenate([b.n_tokens for b in blocks]),
+        "logprob": np.concatenate([b.logprob for b in blocks]),
+        "rel_pos": (index - t0) / (per_row([b.t1 for b in blocks], np.int64) - t0),
+    }).infer_objects()

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from waitlens.hooks.models import LoadedModel
     from waitlens.traces.tokenizers import TokenizerModel
 
-OCCURRENCE_COLUMNS = ["trajectory_id", "problem_id", "correct", "key", "kind", "token_index",
-                      "n_tokens", "logprob", "rel_pos"]  # as hooks.logprobs.token_occurrences
 WAIT_BY_MODEL_COLUMNS = [
     "model", "n_trajectories", "n_correct", "accuracy", "n_keys", "rank", "n_occurrences", "auroc",
     "auroc_lo", "auroc_hi", "q", "direction", "waits_per_traj_correct", "waits_per_traj_incorrect",
@@ -53,16 +51,15 @@ def count_occurrences(
     the model's exact tokenization, with ``logprob`` NaN; and the positions table of the
     lexicon words (as `find_positions` gives it), from the same single tokenization.
     `model` is anything with ``render`` and ``tokenizer`` (a weightless `TokenizerModel`)."""
-    import numpy as np
-
-    from waitlens.hooks.logprobs import token_key
+    from waitlens.hooks.logprobs import TokenKeys, occurrence_block, occurrence_table
     from waitlens.traces.positions import COLUMNS, position_rows, positions_table
 
     lex = Lexicon.parse(lexicon)
     tok = getattr(model, "tokenizer", model)
     check_length = getattr(model, "check_length", None)
-    keys: dict[int, str] = {}
-    rows, pos_rows = [], []
+    key = TokenKeys(tok)
+    blocks = []
+    pos_rows = []
     it: Iterable = trajectories
     if progress:
         from tqdm import tqdm
@@ -75,26 +72,11 @@ def count_occurrences(
         pos = position_rows(traj, rd, lex)  # positions_in's rows, typed once at the end
         pos_rows += pos
         t0, t1 = rd.reasoning_tokens
-        if t1 <= t0:
-            continue
-        n = t1 - t0
-        in_word: set[int] = set()
-        for w, s, e in ((r["word"], r["span_start"], r["span_end"]) for r in pos):
-            span = [i for i in range(s, e) if t0 <= i < t1]
-            if not span:
-                continue
-            in_word.update(span)
-            rows.append((traj.id, traj.problem_id, traj.correct, w, "word", span[0], len(span), np.nan,
-                         (span[0] - t0) / n))
-        for i in range(t0, t1):
-            if i in in_word:
-                continue
-            tid = rd.input_ids[i]
-            if tid not in keys:
-                keys[tid] = token_key(tok.decode([tid]))
-            rows.append((traj.id, traj.problem_id, traj.correct, keys[tid], "token", i, 1, np.nan, (i - t0) / n))
+        if t1 > t0:
+            blocks.append(occurrence_block(traj, rd.input_ids, t0, t1,
+                                           ((r["word"], r["span_start"], r["span_end"]) for r in pos), key))
     positions = positions_table(pos_rows) if pos_rows else pd.DataFrame(columns=COLUMNS)
-    return pd.DataFrame(rows, columns=OCCURRENCE_COLUMNS), positions
+    return occurrence_table(blocks), positions
 
 
 def wait_by_model(tables: dict, summaries: dict, waits: pd.DataFrame, *, word: str = "wait") -> pd.DataFrame:

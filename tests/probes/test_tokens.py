@@ -91,6 +91,32 @@ def test_logprobs_and_occurrences_on_tiny(tiny_model):
     assert token_occurrences(tiny_model, [Trajectory("e", "pe", "Q 1 ;", "", "1", "1", True)]).empty
 
 
+def test_counted_occurrences_are_the_forward_passes_rows_without_logprobs(tiny_model):
+    """`count_occurrences` (no forward pass) gives `token_occurrences`' rows, values and dtypes,
+    with logprob NaN; a word's tokens are one row; an ungraded (correct None) trajectory keeps
+    None; a trajectory with no reasoning gives no rows."""
+    from waitlens.experiments.analyses.tokens import count_occurrences
+
+    trajs = [tiny_trajectory(i, correct=i % 2 == 0) for i in range(3)] + [
+        Trajectory("u", "pu", "Q 3 + 4 - 2 ;", "3 + 4 = 7 so 7 - 2 = 5", "5", "5", None),
+        Trajectory("e", "pe", "Q 1 ;", "", "1", "1", True)]
+    lex = ["wait", "so", "therefore", "3 + 4"]  # a two-token word
+    full = token_occurrences(tiny_model, trajs, lex)
+    counted, positions = count_occurrences(tiny_model, trajs, lex)
+    assert (full["logprob"] < 0).all() and counted["logprob"].isna().all()
+    pd.testing.assert_frame_equal(counted.drop(columns="logprob"), full.drop(columns="logprob"), check_exact=True)
+    assert (counted.dtypes == full.dtypes).all()
+    assert (counted.loc[counted["key"] == "3 + 4", "n_tokens"] == 3).all() and "e" not in set(counted["trajectory_id"])
+    assert counted.loc[counted["trajectory_id"] == "u", "correct"].isna().all()
+    assert len(positions) == (counted["kind"] == "word").sum()
+    for traj in trajs[:4]:  # every reasoning token is in exactly one row, rows in token order
+        t0, t1 = tiny_model.render(traj).reasoning_tokens
+        rows = counted[counted["trajectory_id"] == traj.id]
+        covered = [i for a, k in zip(rows["token_index"], rows["n_tokens"], strict=True) for i in range(a, a + k)]
+        assert sorted(covered) == list(range(t0, t1)) and list(rows["kind"]).index("token") == rows["kind"].eq("word").sum()
+        assert np.allclose(rows["rel_pos"], (rows["token_index"] - t0) / (t1 - t0), rtol=0, atol=0)
+
+
 def test_wait_distribution_and_summary(tiny_model):
     trajs = [tiny_trajectory(i, correct=i % 2 == 0,
                              reasoning=None if i % 2 == 0 else "3 + 4 = 7 ; 7 - 2 = 5") for i in range(6)]
