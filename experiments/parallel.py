@@ -7,8 +7,9 @@ results travel back, pickled, in the order of `items`. An exception in a worker 
 Each worker runs torch, and the BLAS and OpenMP pools of numpy, scipy and scikit-learn, on one
 thread: work that pins torch to one thread itself (the probes' ``threads=1``) computes there
 exactly what it computes here, the same operations on the same inputs in the same order; for
-other work, the caller checks that the thread count does not change its results. Without fork, with CUDA initialized (a forked child cannot use it), or with
-one worker or one item, everything runs here.
+other work, the caller checks that the thread count does not change its results. Without fork,
+with CUDA initialized (a forked child cannot use it), or with one worker or one item, everything
+runs here.
 """
 
 from __future__ import annotations

@@ -184,13 +184,13 @@ class TokenKeys:
     """`token_key` of a token id's decoded text, memoised per id."""
 
     def __init__(self, tokenizer):
-        self.decode = _Decoder(tokenizer)
+        self.tok = tokenizer
         self.memo: dict[int, str] = {}
 
     def __call__(self, t: int) -> str:
         k = self.memo.get(t)
         if k is None:
-            k = self.memo[t] = token_key(self.decode(t))
+            k = self.memo[t] = token_key(self.tok.decode([t]))
         return k
 
 
@@ -284,7 +284,7 @@ def occurrence_block(trajectory: Trajectory, ids: Sequence[int], t0: int, t1: in
         if logprobs is not None:
             word_lp.append(float(logprobs[lo - t0: hi - t0].sum()))
     others = np.flatnonzero(~in_word)
-    other_ids = np.asarray(ids, dtype=np.int64)[others + t0].tolist()
+    other_ids = np.asarray(ids[t0:t1], dtype=np.int64)[others].tolist()
     if logprobs is None:
         lp = np.full(len(words_) + len(others), np.nan)
     else:
